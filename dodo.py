@@ -1,0 +1,114 @@
+"""mergeforge's doit tasks: one task per stage, one subtask per recipe (and per quant type).
+
+Task creators only read recipes and build metadata: no hashing of artifacts, no torch. Each action calls
+steps.store.execute, which restores a stage from the content-keyed store or builds it.
+
+    doit                          # build every recipe in recipes/ (MERGEFORGE_RECIPES to point elsewhere)
+    doit quantize:demo-Q4_K_M     # one target and what it needs
+    doit list --all / doit info merge:demo / doit forget / doit clean
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from doit.exceptions import TaskFailed
+from doit.tools import config_changed
+
+from steps import toolchain
+from steps.errors import MergeforgeError, user_message
+from steps.plan import Stage, plan, root
+from steps.recipe import Recipe, discover
+from steps.store import execute, fetch_is_current
+
+DOIT_CONFIG = {
+    "backend": "json",
+    "dep_file": str(Path(os.environ.get("MERGEFORGE_BUILD", root() / "build")) / ".doit.json"),
+    "default_tasks": ["fetch", "merge", "convert", "imatrix", "quantize", "bench"],
+    "verbosity": 2,
+}
+STAGE_DOCS = {
+    "fetch": "pin each recipe's sources (local models by digest; packaged GGUFs imported to safetensors)",
+    "merge": "merge the sources per the recipe's mergekit-style merge block (streamed safetensors)",
+    "convert": "convert the merged model to a GGUF with llama.cpp's converter, with provenance metadata",
+    "imatrix": "compute an importance matrix with llama-imatrix on the recipe's calibration text",
+    "quantize": "quantize the GGUF with llama-quantize, one subtask per type",
+    "bench": "scoreboard: size, perplexity and KL-divergence of each quant against the unquantized GGUF",
+}
+LLAMA_CPP_KINDS = ("convert", "imatrix", "quantize", "bench")
+
+
+def _recipes() -> list[Recipe]:
+    directory = Path(os.environ.get("MERGEFORGE_RECIPES", root() / "recipes"))
+    try:
+        return discover(directory)
+    except MergeforgeError as exc:
+        print(user_message(exc), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+RECIPES = _recipes()
+STAGES: list[Stage] = [stage for recipe in RECIPES for stage in plan(recipe)]
+
+
+def _run(stage: Stage) -> TaskFailed | None:
+    try:
+        execute(stage)
+    except MergeforgeError as exc:
+        return TaskFailed(user_message(exc))
+    return None
+
+
+def _task(stage: Stage) -> dict[str, object]:
+    uptodate: list[object] = [config_changed({"params": stage.params, "tools": stage.tools()})]
+    if stage.kind == "fetch":
+        uptodate.append((fetch_is_current, [stage]))
+    return {
+        "name": stage.name,
+        "actions": [(_run, [stage])],
+        "file_dep": [str(s.target) for s in STAGES if s.id in stage.deps] + [str(p) for p in stage.files.values()],
+        "task_dep": ["toolchain"] if stage.kind in LLAMA_CPP_KINDS else [],
+        "targets": [str(stage.target), *(str(stage.build_dir / out) for out in stage.outputs)],
+        "uptodate": uptodate,
+        "clean": True,
+        "doc": f"{stage.id}",
+    }
+
+
+def _stage_tasks(kind: str):  # type: ignore[no-untyped-def]
+    yield {"basename": kind, "name": None, "doc": STAGE_DOCS[kind]}
+    for stage in STAGES:
+        if stage.kind == kind:
+            yield _task(stage)
+
+
+def task_toolchain():  # type: ignore[no-untyped-def]
+    """build llama.cpp's programs once (pinned version, cached outside the repository)"""
+    return {"actions": [toolchain.ensure], "uptodate": [toolchain.is_available], "verbosity": 2}
+
+
+def task_fetch():  # type: ignore[no-untyped-def]
+    yield from _stage_tasks("fetch")
+
+
+def task_merge():  # type: ignore[no-untyped-def]
+    yield from _stage_tasks("merge")
+
+
+def task_convert():  # type: ignore[no-untyped-def]
+    yield from _stage_tasks("convert")
+
+
+def task_imatrix():  # type: ignore[no-untyped-def]
+    yield from _stage_tasks("imatrix")
+
+
+def task_quantize():  # type: ignore[no-untyped-def]
+    yield from _stage_tasks("quantize")
+
+
+def task_bench():  # type: ignore[no-untyped-def]
+    yield from _stage_tasks("bench")

@@ -1,0 +1,53 @@
+"""Declarations, apart from logic: quant types, stage code versions, artifact names, GGUF provenance keys."""
+from __future__ import annotations
+
+# llama-quantize's type names (tools/quantize/quantize.cpp QUANT_OPTIONS), upper case as the recipe writes them.
+QUANT_TYPES = (
+    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+    "Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
+    "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M",
+    "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4_MOE", "F16", "BF16", "F32",
+)
+# Types llama-quantize refuses to make without an importance matrix.
+NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S")
+GGUF_OUTTYPES = ("bf16", "f16", "f32", "q8_0")
+
+# Bump a stage's number when its code changes what it writes: the number is part of the stage key.
+STAGE_VERSIONS = {
+    "fetch":    1,
+    "merge":    1,
+    "convert":  1,
+    "imatrix":  1,
+    "quantize": 1,
+    "bench":    1,
+}
+
+# Python packages whose versions enter each stage's key (llama.cpp's version is added for the llama.cpp stages).
+STAGE_PACKAGES = {
+    "fetch":    ("torch", "transformers", "safetensors", "gguf"),
+    "merge":    ("torch", "safetensors"),
+    "convert":  ("torch", "transformers", "safetensors", "gguf"),
+    "imatrix":  (),
+    "quantize": (),
+    "bench":    (),
+}
+LLAMA_CPP_STAGES = ("convert", "imatrix", "quantize", "bench")
+
+# Artifact names under build/<recipe>/.
+SOURCES_DIR     = "sources"
+MERGED_DIR      = "merged"
+BF16_GGUF       = "{recipe}-{outtype}.gguf"
+IMATRIX_FILE    = "{recipe}-imatrix.gguf"
+QUANT_GGUF      = "{recipe}-{qtype}.gguf"
+SCOREBOARD      = "scoreboard.json"
+LOCK_FILE       = "lock.json"
+MANIFEST_DIR    = ".mf"
+
+# Provenance written into every GGUF the pipeline makes (llama-quantize copies them into the quants).
+GGUF_KEY_RECIPE  = "mergeforge.recipe"
+GGUF_KEY_STAGE   = "mergeforge.convert.key"
+GGUF_KEY_SOURCES = "mergeforge.sources"
+GGUF_KEY_VERSION = "mergeforge.version"
+
+SCHEMA_VERSION = 1
+DEFAULT_SHARD_BYTES = 5_000_000_000

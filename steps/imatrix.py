@@ -1,0 +1,35 @@
+"""imatrix: llama-imatrix on the recipe's calibration text (its digest is part of the key).
+
+    python -m steps.imatrix demo                 # run the imatrix stage of recipes/demo.yaml
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING
+
+from steps import toolchain
+from steps.plan import threads
+
+if TYPE_CHECKING:
+    from steps.store import Context
+
+logger = logging.getLogger(__name__)
+
+
+def build(ctx: Context) -> None:
+    stage = ctx.stage
+    chain = toolchain.locate()
+    gguf = stage.build_dir / ctx.upstream_file("convert")
+    toolchain.run([chain.program("llama-imatrix"), "-m", str(gguf), "-f", str(stage.files["calibration"]),
+                   "-o", str(ctx.out / stage.outputs[0]), "--output-format", "gguf",
+                   "--chunks", str(stage.params["chunks"]), "-c", str(stage.params["context"]),
+                   "-t", str(threads()), "--no-ppl", *toolchain.gpu_args()],
+                  what=f"imatrix {stage.recipe.name}")
+
+
+if __name__ == "__main__":
+    from steps.plan import find
+    from steps.store import execute
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    execute(find(f"imatrix:{sys.argv[1]}"))

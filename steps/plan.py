@@ -1,0 +1,130 @@
+"""Plan: a recipe becomes a list of stages, each with its parameters, inputs, tools and paths.
+
+Planning is cheap (no hashing of artifacts, no torch): dodo.py calls it on every `doit list`.
+
+    python -m steps.plan recipes/demo.yaml       # print the plan
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from steps import constants as C
+from steps.recipe import Recipe, load
+
+
+def root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def build_root() -> Path:
+    return Path(os.environ.get("MERGEFORGE_BUILD", root() / "build")).resolve()
+
+
+def store_root() -> Path:
+    return Path(os.environ.get("MERGEFORGE_STORE", root() / "cache")).resolve()
+
+
+def threads() -> int:
+    return int(os.environ.get("MERGEFORGE_THREADS", os.cpu_count() or 1))
+
+
+@lru_cache(maxsize=None)
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+@lru_cache(maxsize=1)
+def llama_cpp_version() -> str:
+    from steps import toolchain
+    return toolchain.locate().version
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str                                   # fetch, merge, convert, imatrix, quantize, bench
+    name: str                                   # subtask name: "<recipe>" or "<recipe>-<TYPE>"
+    recipe: Recipe
+    params: dict[str, Any]                      # the normalized recipe subtree this stage reads
+    deps: tuple[str, ...] = ()                  # upstream stage ids
+    files: dict[str, Path] = field(default_factory=dict)   # small input files hashed into the key
+    outputs: tuple[str, ...] = ()               # artifact paths (relative to build_dir) known before running
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+    @property
+    def build_dir(self) -> Path:
+        return build_root() / self.recipe.name
+
+    @property
+    def target(self) -> Path:
+        return self.build_dir / C.MANIFEST_DIR / f"{self.kind}.{self.name}.json"
+
+    @property
+    def key_file(self) -> Path:
+        return self.build_dir / C.MANIFEST_DIR / f"{self.kind}.{self.name}.key"
+
+    def tools(self) -> dict[str, str]:
+        tools = {pkg: package_version(pkg) for pkg in C.STAGE_PACKAGES[self.kind]}
+        tools["mergeforge-stage"] = str(C.STAGE_VERSIONS[self.kind])
+        if self.kind in C.LLAMA_CPP_STAGES:
+            tools["llama.cpp"] = llama_cpp_version()
+        return tools
+
+
+def plan(recipe: Recipe) -> list[Stage]:
+    n = recipe.name
+    stages = [Stage("fetch", n, recipe, {k: s.spec for k, s in recipe.sources.items()},
+                    outputs=tuple(f"{C.SOURCES_DIR}/{k}/config.json" for k, s in recipe.sources.items()
+                                  if s.kind != "path"))]
+    stages.append(Stage("merge", n, recipe, recipe.merge, deps=(f"fetch:{n}",),
+                        outputs=(f"{C.MERGED_DIR}/config.json",)))
+    gguf_name = C.BF16_GGUF.format(recipe=n, outtype=recipe.gguf["outtype"].upper())
+    stages.append(Stage("convert", n, recipe, {**recipe.gguf, "recipe": n}, deps=(f"merge:{n}",),
+                        outputs=(gguf_name,)))
+    upstream = (f"convert:{n}",)
+    if recipe.imatrix is not None:
+        params = {k: v for k, v in recipe.imatrix.items() if k != "calibration"}
+        stages.append(Stage("imatrix", n, recipe, params, deps=upstream,
+                            files={"calibration": recipe.calibration} if recipe.calibration else {},
+                            outputs=(C.IMATRIX_FILE.format(recipe=n),)))
+        upstream = (*upstream, f"imatrix:{n}")
+    quants = []
+    for qtype in recipe.quantize:
+        quant = Stage("quantize", f"{n}-{qtype}", recipe, {"type": qtype}, deps=upstream,
+                      outputs=(C.QUANT_GGUF.format(recipe=n, qtype=qtype),))
+        quants.append(quant.id)
+        stages.append(quant)
+    if recipe.bench is not None:
+        params = {k: v for k, v in recipe.bench.items() if k != "heldout"}
+        stages.append(Stage("bench", n, recipe, params, deps=(f"convert:{n}", *quants),
+                            files={"heldout": recipe.heldout} if recipe.heldout else {},
+                            outputs=(C.SCOREBOARD,)))
+    return stages
+
+
+def find(stage_id: str, recipes_dir: Path | None = None) -> Stage:
+    """The stage with this id, planned anew from the recipes (for running one stage by hand)."""
+    for path in sorted((recipes_dir or root() / "recipes").glob("*.yaml")):
+        for stage in plan(load(path)):
+            if stage.id == stage_id:
+                return stage
+    raise KeyError(stage_id)
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        for st in plan(load(arg)):
+            print(json.dumps({"id": st.id, "deps": st.deps, "params": st.params,
+                              "files": {k: str(v) for k, v in st.files.items()}, "outputs": st.outputs}))

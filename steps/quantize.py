@@ -1,0 +1,35 @@
+"""quantize: llama-quantize to one type, with the recipe's importance matrix when it has one.
+
+    python -m steps.quantize demo-Q4_K_M         # run one quantize subtask of recipes/demo.yaml
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING
+
+from steps import toolchain
+from steps.plan import threads
+
+if TYPE_CHECKING:
+    from steps.store import Context
+
+logger = logging.getLogger(__name__)
+
+
+def build(ctx: Context) -> None:
+    stage = ctx.stage
+    chain = toolchain.locate()
+    argv = [chain.program("llama-quantize")]
+    if stage.recipe.imatrix is not None:
+        argv += ["--imatrix", str(stage.build_dir / ctx.upstream_file("imatrix"))]
+    argv += [str(stage.build_dir / ctx.upstream_file("convert")), str(ctx.out / stage.outputs[0]),
+             stage.params["type"], str(threads())]
+    toolchain.run(argv, what=f"quantize {stage.name}")
+
+
+if __name__ == "__main__":
+    from steps.plan import find
+    from steps.store import execute
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    execute(find(f"quantize:{sys.argv[1]}"))

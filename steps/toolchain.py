@@ -1,0 +1,235 @@
+"""llama.cpp: find its programs and converter, build them once when absent, and run them.
+
+Where llama.cpp comes from, first match wins:
+  1. ``MERGEFORGE_LLAMA_CPP``: a llama.cpp checkout or install (``bin/`` or ``build/bin/`` with the programs,
+     ``convert_hf_to_gguf.py`` and ``gguf-py/`` at its top);
+  2. ``PATH``: the programs (the converter then comes from the built toolchain's sources);
+  3. the ``toolchain`` task: the pinned llama.cpp vendored in the ``llama-cpp-python`` source distribution on PyPI,
+     built once into ``$MERGEFORGE_HOME/llama.cpp/<version>/`` (outside the repository, so every clone and CI
+     run on the machine shares it).
+
+    python -m steps.toolchain            # build (or report) the toolchain
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from steps.errors import StepFailed, ToolNotFound
+
+logger = logging.getLogger(__name__)
+
+SDIST_PACKAGE = "llama-cpp-python"
+SDIST_VERSION = "0.3.36"
+LLAMA_CPP_COMMIT = "0c1e57098"
+VERSION = f"llama.cpp-{LLAMA_CPP_COMMIT}"
+PROGRAMS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split", "llama-completion")
+CMAKE_FLAGS = (
+    "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_CURL=OFF",
+)
+
+
+def home() -> Path:
+    return Path(os.environ.get("MERGEFORGE_HOME", Path.home() / ".cache" / "mergeforge"))
+
+
+def toolchain_dir() -> Path:
+    return home() / "llama.cpp" / VERSION
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    bin_dir: Path | None          # None: the programs are on PATH
+    py_dir: Path                  # holds convert_hf_to_gguf.py, conversion/ and gguf-py/
+    version: str
+
+    def program(self, name: str) -> str:
+        if self.bin_dir is not None:
+            path = self.bin_dir / name
+            if path.exists():
+                return str(path)
+        found = shutil.which(name)
+        if found is None:
+            raise ToolNotFound(f"{name} not found in {self.bin_dir or 'PATH'}; run `doit toolchain` to build it")
+        return found
+
+    @property
+    def converter(self) -> Path:
+        return self.py_dir / "convert_hf_to_gguf.py"
+
+    def converter_env(self) -> dict[str, str]:
+        """The converter runs with llama.cpp's own gguf-py: PyPI's gguf of the same number is older."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.py_dir / "gguf-py"), env.get("PYTHONPATH")]))
+        env["NO_LOCAL_GGUF"] = ""
+        return env
+
+
+def _configured() -> Toolchain | None:
+    root = os.environ.get("MERGEFORGE_LLAMA_CPP")
+    if not root:
+        return None
+    base = Path(root).expanduser()
+    for bin_dir in (base / "build" / "bin", base / "bin", base):
+        if (bin_dir / "llama-quantize").exists():
+            break
+    else:
+        raise ToolNotFound(f"MERGEFORGE_LLAMA_CPP={root} holds no llama-quantize (looked in build/bin, bin, .)")
+    if not (base / "convert_hf_to_gguf.py").exists():
+        raise ToolNotFound(f"MERGEFORGE_LLAMA_CPP={root} holds no convert_hf_to_gguf.py at its top")
+    return Toolchain(bin_dir, base, f"local:{_tool_version(bin_dir / 'llama-quantize')}")
+
+
+def _tool_version(program: Path) -> str:
+    try:
+        out = subprocess.run([str(program), "--version"], capture_output=True, text=True, timeout=30)
+    except OSError as exc:
+        raise ToolNotFound(f"cannot run {program}: {exc}") from exc
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("version:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def locate() -> Toolchain:
+    """The toolchain a build uses; cheap (no build, at most one ``--version`` call)."""
+    configured = _configured()
+    if configured is not None:
+        return configured
+    built = toolchain_dir()
+    on_path = shutil.which("llama-quantize")
+    if on_path and not (built / "bin" / "llama-quantize").exists():
+        return Toolchain(None, built / "py", f"path:{_tool_version(Path(on_path))}")
+    return Toolchain(built / "bin", built / "py", VERSION)
+
+
+def is_built() -> bool:
+    done = toolchain_dir() / "BUILD.json"
+    return done.exists() and json.loads(done.read_text()).get("version") == VERSION
+
+
+def is_available() -> bool:
+    """doit uptodate of the toolchain task: configured, on PATH, or built."""
+    try:
+        chain = locate()
+    except ToolNotFound:
+        return False
+    return chain.bin_dir != toolchain_dir() / "bin" or is_built()
+
+
+def ensure() -> None:
+    """doit action of the toolchain task."""
+    if not is_available():
+        build()
+
+
+def _sdist() -> Path:
+    dl = home() / "downloads"
+    dl.mkdir(parents=True, exist_ok=True)
+    name = f"{SDIST_PACKAGE.replace('-', '_')}-{SDIST_VERSION}.tar.gz"
+    if not (dl / name).exists():
+        logger.info("downloading the %s %s source distribution (77 MB)", SDIST_PACKAGE, SDIST_VERSION)
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             f"{SDIST_PACKAGE}=={SDIST_VERSION}", "-d", str(dl)], what="download llama.cpp sources", stream=True)
+    return dl / name
+
+
+def _extract(sdist: Path, dest: Path) -> Path:
+    prefix = f"{sdist.name[:-len('.tar.gz')]}/vendor/llama.cpp/"
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            if m.name.startswith(prefix) and "/.git" not in m.name[len(prefix) - 1:] and (m.isfile() or m.isdir()):
+                m.name = m.name[len(prefix):]
+                if m.name:
+                    members.append(m)
+        tar.extractall(dest, members=members, filter="data")
+    return dest
+
+
+def _has_gpu() -> bool:
+    """nvcc alone is not enough: a CUDA build on a machine with no GPU only costs time."""
+    smi = shutil.which("nvidia-smi")
+    return smi is not None and subprocess.run([smi, "-L"], capture_output=True).returncode == 0
+
+
+def build() -> Toolchain:
+    """Build the pinned llama.cpp programs once; a built version is never rebuilt."""
+    target = toolchain_dir()
+    if is_built():
+        logger.info("llama.cpp %s already built in %s", VERSION, target)
+        return locate()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f"{VERSION}.*"):
+        shutil.rmtree(stale, ignore_errors=True)  # an interrupted earlier build
+    work = Path(tempfile.mkdtemp(prefix=f"{VERSION}.", dir=target.parent))
+    src = _extract(_sdist(), work / "py")
+    flags = list(CMAKE_FLAGS)
+    if shutil.which("nvcc") and _has_gpu():
+        flags.append("-DGGML_CUDA=ON")
+    started = time.time()
+    run(["cmake", "-S", str(src), "-B", str(work / "cmake"), *flags], what="configure llama.cpp", stream=True)
+    run(["ninja", "-C", str(work / "cmake"), *PROGRAMS], what="build llama.cpp", stream=True)
+    (work / "bin").mkdir()
+    for name in PROGRAMS:
+        shutil.copy2(work / "cmake" / "bin" / name, work / "bin" / name)
+    shutil.rmtree(work / "cmake")
+    for sub in ("ggml", "src", "tools", "examples", "common", "vendor", "docs", "tests", "scripts", "models"):
+        shutil.rmtree(src / sub, ignore_errors=True)
+    (work / "BUILD.json").write_text(json.dumps(
+        {"version": VERSION, "sdist": f"{SDIST_PACKAGE}=={SDIST_VERSION}", "programs": list(PROGRAMS),
+         "flags": flags, "seconds": round(time.time() - started, 1)}, indent=1))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(work, target)
+    logger.info("built llama.cpp %s in %.0f s into %s", VERSION, time.time() - started, target)
+    return locate()
+
+
+def gpu_args() -> list[str]:
+    """``-ngl N`` from MERGEFORGE_GPU_LAYERS: a machine setting, not part of any key."""
+    layers = os.environ.get("MERGEFORGE_GPU_LAYERS")
+    return ["-ngl", layers] if layers else []
+
+
+def run(argv: list[str], *, what: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+        stream: bool = False, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one external program (list argv, never a shell); on failure raise StepFailed with the stderr tail.
+
+    ``stream`` shows the program's output live (long builds); otherwise it is captured and logged at debug.
+    """
+    logger.info("%s: %s", what, " ".join(argv))
+    try:
+        if stream:
+            proc = subprocess.run(argv, env=env, cwd=cwd, text=True, timeout=timeout,
+                                  stdout=sys.stderr, stderr=subprocess.STDOUT)
+            tail = ""
+        else:
+            proc = subprocess.run(argv, env=env, cwd=cwd, text=True, timeout=timeout, capture_output=True)
+            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+            logger.debug("%s output:\n%s", what, tail)
+    except FileNotFoundError as exc:
+        raise ToolNotFound(f"{what}: {argv[0]} not found; run `doit toolchain` or set MERGEFORGE_LLAMA_CPP") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise StepFailed(f"{what}: timed out after {timeout} s: {' '.join(argv)}") from exc
+    if proc.returncode != 0:
+        raise StepFailed(f"{what} failed (exit {proc.returncode})\n  command: {' '.join(argv)}\n"
+                         f"  output (last lines):\n{tail}\n  see the output above; rerun with -v for details")
+    return proc
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    chain = build()
+    print(json.dumps({"bin": str(chain.bin_dir), "converter": str(chain.converter), "version": chain.version}))
