@@ -1,5 +1,6 @@
 """bench: the scoreboard. For the unquantized GGUF and each quant: file size, llama-perplexity PPL on held-out
-text, and the KL-divergence of each quant's token distributions against the unquantized model's logits.
+text, and the KL-divergence of each quant's token distributions against the unquantized model's, computed from
+the log-probabilities llama-perplexity saves (the same compressed form its own --kl-divergence mode reads).
 
     python -m steps.bench demo                   # run the bench stage of recipes/demo.yaml
 """
@@ -7,13 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from steps import constants as C
 from steps import toolchain
+from steps.errors import StepFailed
 from steps.plan import threads
 
 if TYPE_CHECKING:
@@ -21,71 +26,111 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_NUM = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
-PATTERNS = {
-    "ppl":            rf"Final estimate: PPL = {_NUM} \+/- {_NUM}",
-    "ppl_q":          rf"Mean PPL\(Q\)\s*:\s*{_NUM}\s*±\s*{_NUM}",
-    "kld_mean":       rf"Mean\s+KLD:\s*{_NUM}\s*±\s*{_NUM}",
-    "kld_median":     rf"Median\s+KLD:\s*{_NUM}",
-    "kld_max":        rf"Maximum KLD:\s*{_NUM}",
-    "same_top_p":     rf"Same top p:\s*{_NUM}\s*±\s*{_NUM}",
-}
+@dataclass(frozen=True)
+class LogProbs:
+    """A llama-perplexity ``--kl-divergence-base`` file: per scored position, the log-softmax over the vocabulary,
+    stored as two floats (scale, minimum) and one uint16 per token (tools/perplexity/perplexity.cpp)."""
+    path: Path
+    n_ctx: int
+    n_vocab: int
+    n_chunk: int
+    tokens: np.ndarray
+
+    @classmethod
+    def open(cls, path: Path) -> LogProbs:
+        with open(path, "rb") as f:
+            if f.read(8) != b"_logits_":
+                raise StepFailed(f"{path}: not a llama-perplexity logits file")
+            n_ctx, n_vocab, n_chunk = np.frombuffer(f.read(12), dtype="<i4")
+        tokens = np.fromfile(path, dtype="<i4", count=int(n_chunk * n_ctx), offset=20)
+        return cls(path, int(n_ctx), int(n_vocab), int(n_chunk), tokens)
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(log-probabilities [positions, vocab] as float32, the target token of each position), chunk by chunk."""
+        first = self.n_ctx // 2
+        n_pos = self.n_ctx - 1 - first
+        nv = 2 * ((self.n_vocab + 1) // 2) + 4
+        data = np.memmap(self.path, dtype="<u2", mode="r", offset=20 + 4 * self.n_chunk * self.n_ctx)
+        if data.size < self.n_chunk * n_pos * nv:
+            raise StepFailed(f"{self.path}: truncated logits file ({data.size} of {self.n_chunk * n_pos * nv} values)")
+        rows = data[: self.n_chunk * n_pos * nv].reshape(self.n_chunk, n_pos, nv)
+        for c in range(self.n_chunk):
+            raw = np.asarray(rows[c])
+            head = raw[:, :4].copy().view("<f4")              # (scale, min_log_prob) per position
+            logp = raw[:, 4: 4 + self.n_vocab].astype(np.float32) * head[:, :1] + head[:, 1:2]
+            targets = self.tokens[c * self.n_ctx + first + 1: (c + 1) * self.n_ctx]
+            yield logp, targets
 
 
-def parse(output: str) -> dict[str, float]:
-    found: dict[str, float] = {}
-    for key, pattern in PATTERNS.items():
-        m = re.search(pattern, output)
-        if m:
-            found[key] = float(m.group(1))
-            if m.lastindex and m.lastindex > 1:
-                found[key + "_err"] = float(m.group(2))
-    return found
+def scores(model: LogProbs, base: LogProbs | None) -> dict[str, float]:
+    """PPL of a model, and when a base is given, the KL-divergence KL(base || model) and top-token agreement."""
+    nll: list[np.ndarray] = []
+    kld: list[np.ndarray] = []
+    same_top: list[np.ndarray] = []
+    delta_p: list[np.ndarray] = []
+    if base is not None and not np.array_equal(base.tokens, model.tokens):
+        raise StepFailed(f"{model.path} and {base.path} scored different tokens (different tokenizers?)")
+    pairs = zip(model.chunks(), base.chunks()) if base is not None else ((c, None) for c in model.chunks())
+    for (logp, targets), ref in pairs:
+        rows = np.arange(len(targets))
+        nll.append(-logp[rows, targets].astype(np.float64))
+        if ref is not None:
+            logp_b = ref[0]
+            p_b = np.exp(logp_b)
+            kld.append(np.sum(p_b * (logp_b - logp), axis=1, dtype=np.float64))
+            same_top.append(np.argmax(logp, axis=1) == np.argmax(logp_b, axis=1))
+            delta_p.append(np.exp(logp[rows, targets]) - p_b[rows, targets])
+    all_nll = np.concatenate(nll)
+    n = all_nll.size
+    out = {"ppl": float(np.exp(all_nll.mean())), "ppl_err": float(np.exp(all_nll.mean()) * all_nll.std() / np.sqrt(n)),
+           "tokens": n}
+    if kld:
+        k = np.concatenate(kld)
+        out.update({"kld_mean": float(k.mean()), "kld_mean_err": float(k.std() / np.sqrt(n)),
+                    "kld_median": float(np.median(k)), "kld_p99": float(np.percentile(k, 99)),
+                    "kld_max": float(k.max()), "same_top_p_percent": float(100 * np.concatenate(same_top).mean()),
+                    "delta_p_mean_percent": float(100 * np.concatenate(delta_p).mean())})
+    return {key: round(v, 6) if isinstance(v, float) else v for key, v in out.items()}
 
 
-def perplexity(model: Path, text: Path, params: dict[str, Any], extra: list[str]) -> dict[str, float]:
+def logprobs(model: Path, text: Path, params: dict[str, Any], dest: Path) -> LogProbs:
+    """Run llama-perplexity once, saving every scored position's log-probabilities (parsed from the file, not
+    from the program's log, which it can lose at exit)."""
     chain = toolchain.locate()
-    proc = toolchain.run([chain.program("llama-perplexity"), "-m", str(model), "-f", str(text),
-                          "-c", str(params["context"]), "--chunks", str(params["chunks"]), "-t", str(threads()),
-                          *toolchain.gpu_args(), *extra], what=f"perplexity {model.name}")
-    values = parse(proc.stdout + proc.stderr)
-    if "ppl" not in values and "ppl_q" not in values:
-        raise ValueError(f"llama-perplexity printed no PPL for {model.name}; is the held-out text long enough for "
-                         f"{params['chunks']} chunks of {params['context']} tokens?")
-    return values
+    toolchain.run([chain.program("llama-perplexity"), "-m", str(model), "-f", str(text),
+                   "-c", str(params["context"]), "--chunks", str(params["chunks"]), "-t", str(threads()),
+                   *toolchain.gpu_args(), "--kl-divergence-base", str(dest)], what=f"perplexity {model.name}")
+    found = LogProbs.open(dest)
+    if found.n_chunk < params["chunks"]:
+        raise StepFailed(f"the held-out text gives {found.n_chunk} chunks of {params['context']} tokens for "
+                         f"{model.name}, the recipe asks for bench.chunks: {params['chunks']}; use a longer text "
+                         "or fewer chunks")
+    return found
 
 
 def build(ctx: Context) -> None:
     stage = ctx.stage
     heldout = stage.files["heldout"]
     base_name = ctx.upstream_file("convert")
-    base_path = stage.build_dir / base_name
-    logits = ctx.out.parent / "base-logits.kld"
-    base = perplexity(base_path, heldout, stage.params, ["--kl-divergence-base", str(logits)])
-    rows = [_row(base_name, base_path, ctx, {"ppl": base["ppl"], "ppl_err": base.get("ppl_err")})]
+    base = logprobs(stage.build_dir / base_name, heldout, stage.params, ctx.out.parent / "base.logprobs")
+    rows = [_row(base_name, ctx, {"type": "base", **scores(base, None)})]
     for dep in stage.deps:
         if not dep.startswith("quantize:"):
             continue
         (name,) = ctx.inputs[dep]["outputs"]
-        path = stage.build_dir / name
-        q = perplexity(path, heldout, stage.params, ["--kl-divergence-base", str(logits), "--kl-divergence"])
-        rows.append(_row(name, path, ctx, {
-            "type": dep.rsplit("-", 1)[-1], "ppl": q.get("ppl_q", q.get("ppl")), "ppl_err": q.get("ppl_q_err"),
-            "kld_mean": q.get("kld_mean"), "kld_mean_err": q.get("kld_mean_err"),
-            "kld_median": q.get("kld_median"), "kld_max": q.get("kld_max"),
-            "same_top_p_percent": q.get("same_top_p")}))
-    logits.unlink(missing_ok=True)
+        quant = logprobs(stage.build_dir / name, heldout, stage.params, ctx.out.parent / "quant.logprobs")
+        rows.append(_row(name, ctx, {"type": dep.rsplit("-", 1)[-1], **scores(quant, base)}))
+        quant.path.unlink()
+    base.path.unlink()
     board = {"schema": C.SCHEMA_VERSION, "recipe": stage.recipe.name,
              "settings": {"heldout_digest": ctx.cache.digest(heldout), **stage.params},
              "llama_cpp": stage.tools().get("llama.cpp"), "models": rows}
     (ctx.out / C.SCOREBOARD).write_text(json.dumps(board, indent=1) + "\n")
 
 
-def _row(name: str, path: Path, ctx: Context, values: dict[str, Any]) -> dict[str, Any]:
-    digest = next(info["digest"] for dep in ctx.inputs.values() for rel, info in dep["outputs"].items() if rel == name)
-    row = {"file": name, "size": path.stat().st_size, "digest": digest, "type": values.pop("type", "base")}
-    row.update({k: v for k, v in values.items() if v is not None})
-    return row
+def _row(name: str, ctx: Context, values: dict[str, Any]) -> dict[str, Any]:
+    info = next(info for dep in ctx.inputs.values() for rel, info in dep["outputs"].items() if rel == name)
+    return {"file": name, "size": info["size"], "digest": info["digest"], **values}
 
 
 if __name__ == "__main__":

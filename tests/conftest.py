@@ -1,0 +1,127 @@
+"""Shared fixtures: tiny real models built in code, the llama.cpp toolchain, and a doit runner."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "recipes" / "data"
+
+
+def train_tokenizer(dest: Path, vocab_size: int = 512) -> None:
+    """A SentencePiece BPE tokenizer.model with byte fallback (llama.cpp's converter reads it directly)."""
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(
+        input=str(DATA / "calibration.txt"), model_prefix=str(dest / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, num_threads=1, minloglevel=2,
+        max_sentence_length=100000)
+    (dest / "tokenizer.vocab").unlink()
+    (dest / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False}))
+
+
+def make_llama(dest: Path, seed: int, layers: int = 4, hidden: int = 256, vocab: int = 512,
+               tokenizer_from: Path | None = None) -> Path:
+    """A tiny Llama (random weights, bf16 safetensors) with a SentencePiece tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dest.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(dest)
+    if tokenizer_from is None:
+        train_tokenizer(dest, vocab)
+    else:
+        for name in ("tokenizer.model", "tokenizer_config.json"):
+            shutil.copyfile(tokenizer_from / name, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("models") / "tiny-a", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_b(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
+    return make_llama(tmp_path_factory.mktemp("models") / "tiny-b", seed=2, tokenizer_from=tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():  # type: ignore[no-untyped-def]
+    """The llama.cpp toolchain (built once per machine and version; the first build takes minutes)."""
+    from steps import toolchain
+    toolchain.ensure()
+    return toolchain.locate()
+
+
+@dataclass
+class DoitResult:
+    returncode: int
+    output: str
+    executed: list[str]
+    uptodate: list[str]
+
+
+@dataclass
+class Workspace:
+    """A recipes/build/store triple in a temporary directory, driven by the project's dodo.py."""
+    path: Path
+
+    @property
+    def recipes(self) -> Path:
+        return self.path / "recipes"
+
+    @property
+    def build(self) -> Path:
+        return self.path / "build"
+
+    @property
+    def store(self) -> Path:
+        return self.path / "cache"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(MERGEFORGE_RECIPES=str(self.recipes), MERGEFORGE_BUILD=str(self.build),
+                   MERGEFORGE_STORE=str(self.store))
+        return env
+
+    def write_recipe(self, name: str, text: str) -> Path:
+        self.recipes.mkdir(parents=True, exist_ok=True)
+        path = self.recipes / f"{name}.yaml"
+        path.write_text(text)
+        return path
+
+    def doit(self, *args: str, check: bool = True) -> DoitResult:
+        proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *args],
+                              cwd=self.path, env=self.env(), capture_output=True, text=True, timeout=1800)
+        out = proc.stdout + proc.stderr
+        if check and proc.returncode != 0:
+            raise AssertionError(f"doit {' '.join(args)} failed ({proc.returncode}):\n{out[-6000:]}")
+        return DoitResult(proc.returncode, out, re.findall(r"^\.  (\S+)", out, re.M),
+                          re.findall(r"^-- (\S+)", out, re.M))
+
+    def events(self, recipe: str) -> list[dict[str, object]]:
+        path = self.build / recipe / ".mf" / "events.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def store_entries(self) -> set[str]:
+        return {p.name for p in (self.store / "store").glob("*/*") if (p / "manifest.json").exists()}
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    return Workspace(tmp_path)
