@@ -21,11 +21,12 @@ def build(ctx: Context) -> None:
     stage = ctx.stage
     chain = toolchain.locate()
     argv = [chain.program("llama-quantize")]
+    # Run in build/<recipe>/ with relative input paths: llama-quantize writes the imatrix path it was given into
+    # the quant's metadata, and an absolute path would make the bytes depend on where the build lives.
     if stage.recipe.imatrix is not None:
-        argv += ["--imatrix", str(stage.build_dir / ctx.upstream_file("imatrix"))]
-    argv += [str(stage.build_dir / ctx.upstream_file("convert")), str(ctx.out / stage.outputs[0]),
-             stage.params["type"], str(threads())]
-    toolchain.run(argv, what=f"quantize {stage.name}")
+        argv += ["--imatrix", ctx.upstream_file("imatrix")]
+    argv += [ctx.upstream_file("convert"), str(ctx.out / stage.outputs[0]), stage.params["type"], str(threads())]
+    toolchain.run(argv, what=f"quantize {stage.name}", cwd=stage.build_dir)
 
 
 if __name__ == "__main__":

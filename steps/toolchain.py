@@ -216,7 +216,8 @@ def run(argv: list[str], *, what: str, env: dict[str, str] | None = None, cwd: P
                                   stdout=sys.stderr, stderr=subprocess.STDOUT)
             tail = ""
         else:
-            proc = subprocess.run(argv, env=env, cwd=cwd, text=True, timeout=timeout, capture_output=True)
+            proc = subprocess.run(argv, env=env, cwd=cwd, text=True, errors="replace", timeout=timeout,
+                                  capture_output=True)
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
             logger.debug("%s output:\n%s", what, tail)
     except FileNotFoundError as exc:

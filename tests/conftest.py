@@ -68,6 +68,18 @@ def llama_cpp():  # type: ignore[no-untyped-def]
     return toolchain.locate()
 
 
+def generate(program: str, model: Path, prompt: str, n: int = 16, extra: tuple[str, ...] = ()) -> str:
+    """Greedy completion with llama-completion. This llama.cpp version logs from a background thread that the
+    program does not flush before it exits, so a run can end with its output lost: try again when it is empty."""
+    for _ in range(10):
+        proc = subprocess.run([program, "-m", str(model), "-p", prompt, "-n", str(n), "--temp", "0", "-no-cnv",
+                               "-t", "2", *extra], capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+        if proc.stdout.strip():
+            return proc.stdout.decode(errors="replace")
+    raise AssertionError(f"llama-completion printed nothing in 10 runs on {model}")
+
+
 @dataclass
 class DoitResult:
     returncode: int
