@@ -52,7 +52,8 @@ def find_layer_prefix(names: list[str], n_layers: int) -> str:
         seen = ", ".join(f"{p} ({len(i)})" for p, i in sorted(indices.items())) or "none"
         raise ValueError(f"no tensor prefix has exactly {n_layers} numbered blocks (the config's layer count); "
                          f"numbered prefixes seen: {seen}")
-    return max(candidates, key=lambda p: (counts[p], "layers" in p))
+    aside = ("visual", "vision", "mtp", "encoder")
+    return max(candidates, key=lambda p: ("layers" in p, not any(a in p for a in aside), counts[p]))
 
 
 @dataclass(frozen=True)

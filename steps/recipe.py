@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from steps.constants import GGUF_OUTTYPES, QUANT_TYPES
+from steps.constants import GGUF_OUTTYPES, NEEDS_IMATRIX, QUANT_TYPES
 from steps.errors import RecipeError
 
 TOP_KEYS = ("name", "description", "sources", "merge", "gguf", "imatrix", "quantize", "bench")
@@ -123,6 +123,10 @@ def load(file: str | Path) -> Recipe:
                          f" one of {', '.join(GGUF_OUTTYPES)}")
     imatrix, calibration = _imatrix(check, raw.get("imatrix"), base)
     quantize = _quantize(check, raw.get("quantize", []))
+    for i, qtype in enumerate(quantize):
+        if qtype in NEEDS_IMATRIX and imatrix is None:
+            raise check.fail(f"quantize[{i}]", f"{qtype} needs an importance matrix; add an imatrix: block with a "
+                             "calibration text, or pick a type such as Q4_K_M")
     bench, heldout = _bench(check, raw.get("bench"), base, quantize)
     return Recipe(name, file, sources, merge, gguf, imatrix, quantize, bench, calibration, heldout, raw)
 
