@@ -1,0 +1,86 @@
+"""The embedded demo, end to end, as a fresh clone builds it: SmolLM2-135M-Instruct from its registry package,
+depth-upscaled, converted, imatrix'd, quantized and scored. Then the import is checked against llama.cpp."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, Workspace, generate
+
+pytestmark = [pytest.mark.slow, pytest.mark.demo]
+
+STAGES = ["fetch:demo", "merge:demo", "convert:demo", "imatrix:demo", "quantize:demo-Q4_K_M",
+          "quantize:demo-Q8_0", "bench:demo"]
+CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory, llama_cpp) -> Workspace:  # type: ignore[no-untyped-def]
+    ws = Workspace(tmp_path_factory.mktemp("demo"))
+    ws.recipes.symlink_to(ROOT / "recipes")
+    first = ws.doit()
+    assert first.executed == STAGES
+    return ws
+
+
+def test_demo_builds_and_scores(demo: Workspace, llama_cpp) -> None:  # type: ignore[no-untyped-def]
+    out = demo.build / "demo"
+    board = json.loads((out / "scoreboard.json").read_text())
+    rows = {r["type"]: r for r in board["models"]}
+    assert set(rows) == {"base", "Q4_K_M", "Q8_0"}
+    for qtype in ("Q4_K_M", "Q8_0"):
+        assert 1 < rows[qtype]["ppl"] < 100 and 0 < rows[qtype]["kld_mean"] < 1
+    assert rows["Q8_0"]["kld_mean"] < rows["Q4_K_M"]["kld_mean"]
+    assert rows["Q4_K_M"]["size"] < rows["Q8_0"]["size"] < rows["base"]["size"]
+    config = json.loads((out / "merged" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 40
+    text = generate(llama_cpp.program("llama-completion"), out / "demo-Q4_K_M.gguf", CHAT, n=12)
+    assert "Paris" in text, text
+    assert demo.doit().executed == []
+
+
+def test_imported_model_agrees_with_llama_cpp_on_the_original_gguf(demo: Workspace, tmp_path: Path) -> None:
+    """The safetensors import (transformers) and llama.cpp on the packaged Q4_1 GGUF give the same distributions."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from steps.bench import logprobs
+    from steps.fetch import wheel
+    from steps.recipe import load
+
+    recipe = load(ROOT / "recipes" / "demo.yaml")
+    import zipfile
+    with zipfile.ZipFile(wheel(recipe.sources["smollm2"])) as zf:
+        original = Path(zf.extract(recipe.sources["smollm2"].spec["file"], tmp_path))
+    ref = logprobs(original, ROOT / "recipes" / "data" / "heldout.txt", {"context": 128, "chunks": 4},
+                   tmp_path / "orig.logprobs")
+    model = AutoModelForCausalLM.from_pretrained(demo.build / "demo" / "sources" / "smollm2", dtype=torch.float32)
+    first = ref.n_ctx // 2
+    klds, agree = [], []
+    for c, (logp_ref, _targets) in enumerate(ref.chunks()):
+        ids = torch.tensor(ref.tokens[c * ref.n_ctx:(c + 1) * ref.n_ctx], dtype=torch.long)[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, first:ref.n_ctx - 1].float(), dim=-1).numpy()
+        p_ref = np.exp(logp_ref)
+        klds.append(np.sum(p_ref * (logp_ref - logp), axis=1))
+        agree.append(np.argmax(logp, axis=1) == np.argmax(logp_ref, axis=1))
+    kld, top1 = float(np.concatenate(klds).mean()), float(np.concatenate(agree).mean())
+    # Measured here: KLD 0.0144, top-1 agreement 98.4 %, PPL 12.47 (transformers) vs 12.52 (llama.cpp). The gap is
+    # llama.cpp's Q4_1 kernels (8-bit activations) against bf16 weights in float32 arithmetic.
+    assert kld < 0.03 and top1 > 0.95, (kld, top1)
+
+
+def test_imported_model_answers_in_transformers(demo: Workspace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src = demo.build / "demo" / "sources" / "smollm2"
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt")
+    ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+    out = model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert "The capital of France is Paris." in tok.decode(out[0][ids.shape[1]:])
