@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,20 @@ if TYPE_CHECKING:
     from steps.store import Context
 
 logger = logging.getLogger(__name__)
+
+_NUM = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+REPORT = {                      # llama-perplexity --kl-divergence's summary lines (for cross-checks)
+    "ppl_q":      rf"Mean PPL\(Q\)\s*:\s*{_NUM}",
+    "ppl_base":   rf"Mean PPL\(base\)\s*:\s*{_NUM}",
+    "kld_mean":   rf"Mean\s+KLD:\s*{_NUM}",
+    "same_top_p": rf"Same top p:\s*{_NUM}",
+}
+
+
+def parse_llama_report(output: str) -> dict[str, float]:
+    found = {key: re.search(pattern, output) for key, pattern in REPORT.items()}
+    return {key: float(m.group(1)) for key, m in found.items() if m}
+
 
 @dataclass(frozen=True)
 class LogProbs:

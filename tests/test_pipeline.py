@@ -200,3 +200,27 @@ def test_kill_during_quantize_resumes_without_redoing(workspace: Workspace, tiny
     assert "quantize:tiny-Q4_K_M" in rebuilt and "bench:tiny" in rebuilt
     assert (workspace.build / "tiny" / "scoreboard.json").exists()
     assert "fetch:tiny" in resumed.executed  # doit lost its state: the stage ran, and restored from the store
+
+
+def test_scoreboard_agrees_with_llama_cpps_own_kl_divergence(built: Workspace, llama_cpp) -> None:  # type: ignore[no-untyped-def]
+    """PPL and KLD computed from the saved log-probabilities match what llama-perplexity's --kl-divergence prints."""
+    out = built.build / "tiny"
+    rows = {r["type"]: r for r in json.loads((out / "scoreboard.json").read_text())["models"]}
+    base = built.path / "base.kld"
+    common = ["-f", str(DATA / "heldout.txt"), "-c", "64", "--chunks", "4", "-t", "2"]
+    subprocess.run([llama_cpp.program("llama-perplexity"), "-m", str(out / "tiny-BF16.gguf"), *common,
+                    "--kl-divergence-base", str(base)], check=True, capture_output=True)
+    from steps.bench import parse_llama_report
+    for _ in range(10):   # this llama.cpp version can lose its final log lines at exit: run again until printed
+        proc = subprocess.run([llama_cpp.program("llama-perplexity"), "-m", str(out / "tiny-Q4_K_M.gguf"), *common,
+                               "--kl-divergence-base", str(base), "--kl-divergence"], capture_output=True, text=True)
+        report = parse_llama_report(proc.stdout + proc.stderr)
+        if {"kld_mean", "ppl_q", "ppl_base"} <= set(report):
+            break
+    else:
+        pytest.fail("llama-perplexity never printed its KL-divergence report")
+    q4 = rows["Q4_K_M"]
+    assert q4["kld_mean"] == pytest.approx(report["kld_mean"], rel=0.02, abs=2e-5)
+    assert q4["ppl"] == pytest.approx(report["ppl_q"], rel=1e-3)
+    assert rows["base"]["ppl"] == pytest.approx(report["ppl_base"], rel=1e-3)
+    assert q4["same_top_p_percent"] == pytest.approx(report["same_top_p"], abs=0.01)
