@@ -85,14 +85,14 @@ def scores(model: LogProbs, base: LogProbs | None) -> dict[str, float]:
     delta_p: list[np.ndarray] = []
     if base is not None and not np.array_equal(base.tokens, model.tokens):
         raise StepFailed(f"{model.path} and {base.path} scored different tokens (different tokenizers?)")
-    pairs = zip(model.chunks(), base.chunks()) if base is not None else ((c, None) for c in model.chunks())
+    pairs = zip(model.chunks(), base.chunks(), strict=True) if base is not None else ((c, None) for c in model.chunks())
     for (logp, targets), ref in pairs:
         rows = np.arange(len(targets))
         nll.append(-logp[rows, targets].astype(np.float64))
         if ref is not None:
             logp_b = ref[0]
             p_b = np.exp(logp_b)
-            kld.append(np.sum(p_b * (logp_b - logp), axis=1, dtype=np.float64))
+            kld.append(np.asarray(np.sum(p_b * (logp_b - logp), axis=1, dtype=np.float64)))
             same_top.append(np.argmax(logp, axis=1) == np.argmax(logp_b, axis=1))
             delta_p.append(np.exp(logp[rows, targets]) - p_b[rows, targets])
     all_nll = np.concatenate(nll)

@@ -220,7 +220,8 @@ class _progress:
     """A tqdm bar on a terminal, nothing otherwise."""
 
     def __init__(self, total: int, desc: str) -> None:
-        self.total, self.desc, self.bar = total, desc, None
+        self.total, self.desc = total, desc
+        self.bar: Any = None
 
     def __enter__(self) -> Any:
         if sys.stderr.isatty():

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ def threads() -> int:
     return int(os.environ.get("MERGEFORGE_THREADS", os.cpu_count() or 1))
 
 
-@lru_cache(maxsize=None)
+@cache
 def package_version(name: str) -> str:
     try:
         return metadata.version(name)
@@ -93,7 +93,7 @@ def plan(recipe: Recipe) -> list[Stage]:
     gguf_name = C.BF16_GGUF.format(recipe=n, outtype=recipe.gguf["outtype"].upper())
     stages.append(Stage("convert", n, recipe, {**recipe.gguf, "recipe": n}, deps=(f"merge:{n}",),
                         outputs=(gguf_name,)))
-    upstream = (f"convert:{n}",)
+    upstream: tuple[str, ...] = (f"convert:{n}",)
     if recipe.imatrix is not None:
         params = {k: v for k, v in recipe.imatrix.items() if k != "calibration"}
         stages.append(Stage("imatrix", n, recipe, params, deps=upstream,

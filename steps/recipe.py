@@ -119,8 +119,9 @@ def load(file: str | Path) -> Recipe:
     gguf = dict(check.mapping(raw.get("gguf", {}) or {}, "gguf", GGUF_KEYS))
     gguf.setdefault("outtype", "bf16")
     if gguf["outtype"] not in GGUF_OUTTYPES:
-        raise check.fail("gguf.outtype", f"unknown type {gguf['outtype']!r}{did_you_mean(str(gguf['outtype']), GGUF_OUTTYPES)};"
-                         f" one of {', '.join(GGUF_OUTTYPES)}")
+        outtype = str(gguf["outtype"])
+        raise check.fail("gguf.outtype", f"unknown type {outtype!r}{did_you_mean(outtype, GGUF_OUTTYPES)}; "
+                         f"one of {', '.join(GGUF_OUTTYPES)}")
     imatrix, calibration = _imatrix(check, raw.get("imatrix"), base)
     quantize = _quantize(check, raw.get("quantize", []))
     for i, qtype in enumerate(quantize):
@@ -242,8 +243,8 @@ def _quantize(check: _Checker, value: Any) -> tuple[str, ...]:
     seen: list[str] = []
     for i, qtype in enumerate(value):
         if not isinstance(qtype, str) or qtype.upper() not in QUANT_TYPES:
-            raise check.fail(f"quantize[{i}]", f"unknown quant type {qtype!r}{did_you_mean(str(qtype).upper(), QUANT_TYPES)};"
-                             f" known: {', '.join(QUANT_TYPES)}")
+            hint = did_you_mean(str(qtype).upper(), QUANT_TYPES)
+            raise check.fail(f"quantize[{i}]", f"unknown quant type {qtype!r}{hint}; known: {', '.join(QUANT_TYPES)}")
         if qtype.upper() in seen:
             raise check.fail(f"quantize[{i}]", f"{qtype} is listed twice")
         seen.append(qtype.upper())

@@ -121,7 +121,7 @@ def write_model(directory: Path, tensors: list[OutTensor], shard_bytes: int,
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map: dict[str, str] = {}
     total = 0
-    for file_name, shard in zip(names, shards):
+    for file_name, shard in zip(names, shards, strict=True):
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for t in shard:
