@@ -25,6 +25,9 @@ from typing import TYPE_CHECKING, Any
 from steps import constants as C
 from steps.errors import RecipeError
 from steps.fetch import source_dir
+from steps.hashing import digest_value
+from steps.methods import LAYERED, Method, layer_position, resolve
+from steps.methods import get as get_method
 from steps.recipe import source_layer_count
 from steps.tensors import TORCH_DTYPES, ModelReader, OutTensor, write_model
 
@@ -75,34 +78,88 @@ class Model:
         return cls(name, directory, reader, json.loads((directory / "config.json").read_text()), n_layers, prefix)
 
 
-def _slices(merge: dict[str, Any]) -> list[tuple[str, int, int, float]]:
-    out = []
-    for sl in merge["slices"]:
-        src = sl["sources"][0]
-        scale = (src.get("parameters") or {}).get("scale", 1.0)
-        out.append((src["model"], src["layer_range"][0], src["layer_range"][1], float(scale)))
-    return out
+@dataclass(frozen=True)
+class SliceSource:
+    model: str
+    start: int
+    end: int
+    params: dict[str, Any]
 
 
-def passthrough_plan(merge: dict[str, Any], models: dict[str, Model], base: Model, recipe_file: str
-                     ) -> tuple[list[OutTensor], list[tuple[str, int]], dict[str, list[str]]]:
-    """Output tensors in order, the (model, layer) behind each output layer, and the tensors left out."""
-    out_dtype = TORCH_DTYPES[merge.get("out_dtype") or merge["dtype"]]
+@dataclass(frozen=True)
+class Slice:
+    sources: list[SliceSource]
+    params: dict[str, Any]
+
+
+def normalize_slices(merge: dict[str, Any], models: dict[str, Model], base_name: str | None) -> list[Slice]:
+    """mergekit's two spellings as one list of slices: ``slices:`` as written; ``models:`` as one slice of every
+    model's full depth (the base appended when it is not listed); ``interleave`` as one-layer slices A0 B0 A1 B1."""
+    method = merge["merge_method"]
+    if "slices" in merge:
+        return [Slice([SliceSource(src["model"], src["layer_range"][0], src["layer_range"][1],
+                                   src.get("parameters") or {}) for src in sl["sources"]],
+                      sl.get("parameters") or {}) for sl in merge["slices"]]
+    entries = [(m["model"], m.get("parameters") or {}, m.get("layer_range")) for m in merge["models"]]
+    if method == "interleave":
+        ranges = [rng or [0, models[name].n_layers] for name, _, rng in entries]
+        depth = min(end - start for start, end in ranges)
+        return [Slice([SliceSource(name, rng[0] + i, rng[0] + i + 1, params)], {})
+                for i in range(depth) for (name, params, _), rng in zip(entries, ranges, strict=True)]
+    if base_name is not None and base_name not in [name for name, _, _ in entries]:
+        entries.append((base_name, {}, None))
+    full = [(name, params, rng or [0, models[name].n_layers]) for name, params, rng in entries]
+    return [Slice([SliceSource(name, rng[0], rng[1], params) for name, params, rng in full], {})]
+
+
+def check_ranges(slices: list[Slice], models: dict[str, Model], recipe_file: str) -> None:
+    for s, sl in enumerate(slices):
+        depths = {src.end - src.start for src in sl.sources}
+        for j, src in enumerate(sl.sources):
+            model = models[src.model]
+            if not 0 <= src.start < src.end <= model.n_layers:
+                raise RecipeError(recipe_file, f"merge.slices[{s}].sources[{j}].layer_range",
+                                  f"[{src.start}, {src.end}] is outside model '{src.model}', which has "
+                                  f"{model.n_layers} layers; use a range within [0, {model.n_layers}]")
+        if len(depths) > 1:
+            raise RecipeError(recipe_file, f"merge.slices[{s}].sources",
+                              f"the sources span different numbers of layers ({sorted(depths)}); every source "
+                              "of a slice needs a layer_range of the same length")
+
+
+def _settings(merge: dict[str, Any], sl: Slice, src: SliceSource | None) -> list[dict[str, Any] | None]:
+    """Parameter settings, most specific first: slice source > slice > merge block."""
+    return [src.params if src is not None else None, sl.params, merge.get("parameters")]
+
+
+def _compute_dtype(merge: dict[str, Any], infos: list[Any]) -> str:
+    if merge.get("dtype"):
+        return TORCH_DTYPES[merge["dtype"]]
+    import torch
+    by_name = {v: getattr(torch, k) for k, v in TORCH_DTYPES.items()}
+    promoted = by_name[infos[0].dtype]
+    for info in infos[1:]:
+        promoted = torch.promote_types(promoted, by_name[info.dtype])
+    return {getattr(torch, k): v for k, v in TORCH_DTYPES.items()}[promoted]
+
+
+def layered_plan(merge: dict[str, Any], slices: list[Slice], models: dict[str, Model], base: Model,
+                 recipe_file: str) -> tuple[list[OutTensor], list[tuple[str, int]]]:
+    """passthrough and interleave: whole layers in slice order; every other module from the base."""
     tensors: list[OutTensor] = []
     layer_sources: list[tuple[str, int]] = []
-    used: dict[str, set[str]] = {name: set() for name in models}
     base_layer_shapes = {name[len(base.prefix) + 1:].partition(".")[2]: info.shape
                          for name, info in base.reader.tensors.items() if name.startswith(base.prefix + ".")}
-    slices = _slices(merge)
-    for s, (model_name, start, end, scale) in enumerate(slices):
-        model = models[model_name]
-        if end > model.n_layers:
-            raise RecipeError(recipe_file, f"merge.slices[{s}].sources[0].layer_range",
-                              f"[{start}, {end}] is outside model '{model_name}', which has {model.n_layers} "
-                              f"layers; use a range within [0, {model.n_layers}]")
-        for layer in range(start, end):
+    for s, sl in enumerate(slices):
+        if len(sl.sources) != 1:
+            raise RecipeError(recipe_file, f"merge.slices[{s}].sources", f"{merge['merge_method']} takes exactly "
+                              "one source per slice")
+        src = sl.sources[0]
+        model = models[src.model]
+        for layer in range(src.start, src.end):
             out_layer = len(layer_sources)
-            layer_sources.append((model_name, layer))
+            layer_sources.append((src.model, layer))
+            t = layer_position(layer - src.start, src.end - src.start)
             head = f"{model.prefix}.{layer}."
             for name, info in model.reader.tensors.items():
                 if not name.startswith(head):
@@ -110,33 +167,137 @@ def passthrough_plan(merge: dict[str, Any], models: dict[str, Model], base: Mode
                 suffix = name[len(head):]
                 if base_layer_shapes.get(suffix, info.shape) != info.shape:
                     raise RecipeError(recipe_file, f"merge.slices[{s}]",
-                                      f"model '{model_name}' tensor {name} has shape {list(info.shape)}, the base "
-                                      f"model's layers have {list(base_layer_shapes[suffix])}; passthrough needs "
+                                      f"model '{src.model}' tensor {name} has shape {list(info.shape)}, the base "
+                                      f"model's layers have {list(base_layer_shapes[suffix])}; stacking needs "
                                       "models of one architecture and width")
-                used[model_name].add(name)
-                tensors.append(_out_tensor(model, name, f"{base.prefix}.{out_layer}.{suffix}", out_dtype, scale))
+                scale = resolve("scale", _settings(merge, sl, src), name, t, None)
+                tensors.append(_copy_tensor(merge, model, name, f"{base.prefix}.{out_layer}.{suffix}", scale))
     for name in base.reader.tensors:
         if not name.startswith(base.prefix + "."):
-            used[base.name].add(name)
-            tensors.append(_out_tensor(base, name, name, out_dtype, 1.0))
-    left_out = {m: sorted(set(models[m].reader.tensors) - used[m]) for m in models}
-    return tensors, layer_sources, {m: names for m, names in left_out.items() if names}
+            tensors.append(_copy_tensor(merge, base, name, name, None))
+    return tensors, layer_sources
 
 
-def _out_tensor(model: Model, name: str, out_name: str, out_dtype: str, scale: float) -> OutTensor:
+def _copy_tensor(merge: dict[str, Any], model: Model, name: str, out_name: str, scale: float | None) -> OutTensor:
     info = model.reader.tensors[name]
-    if info.dtype == out_dtype and scale == 1.0:
+    dtype = _compute_dtype(merge, [info])
+    out_dtype = TORCH_DTYPES[merge["out_dtype"]] if merge.get("out_dtype") else dtype
+    if info.dtype == out_dtype == dtype and scale is None:
         return OutTensor(out_name, out_dtype, info.shape, lambda: model.reader.raw(name))
-    torch_dtype = {v: k for k, v in TORCH_DTYPES.items()}[out_dtype]
 
     def convert() -> bytes:
-        import torch
-        t = model.reader.tensor(name)
-        if scale != 1.0:
-            t = t.to(torch.float32) * scale
-        return t.to(getattr(torch, torch_dtype)).contiguous().view(torch.uint8).numpy().tobytes()
+        t = model.reader.tensor(name).to(_torch_dtype(dtype))
+        if scale is not None:
+            t = t * scale
+        return _to_bytes(t, out_dtype)
 
     return OutTensor(out_name, out_dtype, info.shape, convert)
+
+
+def _torch_dtype(code: str) -> Any:
+    import torch
+    return getattr(torch, {v: k for k, v in TORCH_DTYPES.items()}[code])
+
+
+def _to_bytes(t: Any, out_dtype: str) -> bytes:
+    import torch
+    return bytes(t.to(_torch_dtype(out_dtype)).contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _is_pre(name: str) -> bool:
+    return any(k in name for k in ("embed", "wte", "wpe"))
+
+
+def tensorwise_plan(merge: dict[str, Any], method: Method, slices: list[Slice], models: dict[str, Model],
+                    base: Model, base_name: str | None, recipe_file: str
+                    ) -> tuple[list[OutTensor], list[tuple[str, int]]]:
+    """Every other method: each output tensor merges the same tensor of every source of its slice."""
+    tensors: list[OutTensor] = []
+    layer_sources: list[tuple[str, int]] = []
+    for s, sl in enumerate(slices):
+        names = [src.model for src in sl.sources]
+        if method.base == "required" and base_name not in names:
+            raise RecipeError(recipe_file, f"merge.slices[{s}].sources", f"{method.name} needs the base model "
+                              f"'{base_name}' among the sources of every slice")
+        if method.n_inputs is not None and len(sl.sources) != method.n_inputs:
+            raise RecipeError(recipe_file, f"merge.slices[{s}].sources", f"{method.name} merges exactly "
+                              f"{method.n_inputs} models, got {len(sl.sources)}")
+        depth = sl.sources[0].end - sl.sources[0].start
+        for i in range(depth):
+            out_layer = len(layer_sources)
+            layer_sources.append((sl.sources[0].model, sl.sources[0].start + i))
+            first = models[sl.sources[0].model]
+            head = f"{first.prefix}.{sl.sources[0].start + i}."
+            for name in first.reader.tensors:
+                if name.startswith(head):
+                    suffix = name[len(head):]
+                    inputs = [(src, f"{models[src.model].prefix}.{src.start + i}.{suffix}") for src in sl.sources]
+                    tensors.append(_merged_tensor(merge, method, sl, inputs, models, base_name,
+                                                  f"{base.prefix}.{out_layer}.{suffix}",
+                                                  layer_position(i, depth), recipe_file, s))
+    for name in base.reader.tensors:
+        if name.startswith(base.prefix + "."):
+            continue
+        sl = slices[0] if _is_pre(name) else slices[-1]
+        inputs = [(src, name) for src in sl.sources]
+        tensors.append(_merged_tensor(merge, method, sl, inputs, models, base_name, name, 0.0, recipe_file,
+                                      0 if _is_pre(name) else len(slices) - 1))
+    return tensors, layer_sources
+
+
+def _merged_tensor(merge: dict[str, Any], method: Method, sl: Slice, inputs: list[tuple[SliceSource, str]],
+                   models: dict[str, Model], base_name: str | None, out_name: str, t: float, recipe_file: str,
+                   s: int) -> OutTensor:
+    present = [(src, name) for src, name in inputs if name in models[src.model].reader.tensors]
+    missing = [f"'{src.model}'" for src, name in inputs if name not in models[src.model].reader.tensors]
+    if missing and (base_name in [src.model for src, _ in present] or method.base != "required"):
+        if len(present) == 1 and method.name in ("slerp", "nuslerp", "model_stock"):
+            src, name = present[0]
+            return _copy_tensor(merge, models[src.model], name, out_name, None)
+    if missing and (method.base == "required" and base_name not in [src.model for src, _ in present]):
+        raise RecipeError(recipe_file, f"merge.slices[{s}]", f"tensor {inputs[0][1]} is missing from the base "
+                          f"model '{base_name}'")
+    infos = [models[src.model].reader.tensors[name] for src, name in present]
+    shapes = {info.shape for info in infos}
+    if len(shapes) > 1:
+        detail = ", ".join(f"'{src.model}' {list(info.shape)}" for (src, _), info in zip(present, infos, strict=True))
+        raise RecipeError(recipe_file, f"merge.slices[{s}]", f"tensor {inputs[0][1]} has different shapes: {detail}; "
+                          "merged models need one architecture and vocabulary size")
+    dtype = _compute_dtype(merge, infos)
+    out_dtype = TORCH_DTYPES[merge["out_dtype"]] if merge.get("out_dtype") else dtype
+    base_index = next((k for k, (src, _) in enumerate(present) if src.model == base_name), None)
+    if method.base == "ignored":
+        base_index = None
+    per_model = []
+    for k, (src, name) in enumerate(present):
+        wanted = {p: d for p, d in method.per_model.items() if not (k == base_index and p in method.non_base_only)}
+        try:
+            per_model.append({p: resolve(p, _settings(merge, sl, src), name, t, d) for p, d in wanted.items()})
+        except KeyError as exc:
+            raise RecipeError(recipe_file, f"merge: model '{src.model}' parameters.{exc.args[0]}",
+                              f"{method.name} needs {exc.args[0]} for every model; set it on the model, the slice "
+                              "or the merge block's parameters") from None
+    try:
+        shared = {p: resolve(p, _settings(merge, sl, None), out_name, t, d) for p, d in method.shared.items()}
+    except KeyError as exc:
+        raise RecipeError(recipe_file, f"merge.parameters.{exc.args[0]}",
+                          f"{method.name} needs {exc.args[0]}; set it in the slice or the merge block's "
+                          "parameters") from None
+    seed = int(merge.get("random_seed", 0))
+
+    def compute() -> bytes:
+        import torch
+        xs = [models[src.model].reader.tensor(name).to(_torch_dtype(dtype)) for src, name in present]
+        gens = None
+        if method.random:
+            gens = [torch.Generator().manual_seed(_seed(seed, out_name, src.model)) for src, _ in present]
+        return _to_bytes(method.fn(xs, base_index, per_model, shared, gens), out_dtype)
+
+    return OutTensor(out_name, out_dtype, infos[0].shape, compute)
+
+
+def _seed(seed: int, tensor: str, model: str) -> int:
+    return int(digest_value([seed, tensor, model])[:15], 16)
 
 
 def rewrite_config(base: Model, models: dict[str, Model], layer_sources: list[tuple[str, int]],
@@ -187,33 +348,67 @@ def copy_tokenizer(source: Path, dest: Path) -> list[str]:
 def build(ctx: Context) -> None:
     stage, merge = ctx.stage, ctx.stage.params
     recipe_file = str(stage.recipe.file)
-    names = list(dict.fromkeys(sl["sources"][0]["model"] for sl in merge["slices"]))
-    base_name = merge.get("base_model") or names[0]
-    if base_name not in names:
-        names.insert(0, base_name)
+    entries = merge["slices"] if "slices" in merge else [{"sources": merge["models"]}]
+    names = list(dict.fromkeys(src["model"] for sl in entries for src in sl["sources"]))
+    base_name = merge.get("base_model")
+    if base_name is not None and base_name not in names:
+        names.append(base_name)
     models = {n: Model.open(n, source_dir(stage, n)) for n in names}
-    base = models[base_name]
+    base = models[base_name or names[0]]
+    method_name = merge["merge_method"]
     try:
-        tensors, layer_sources, left_out = passthrough_plan(merge, models, base, recipe_file)
+        slices = normalize_slices(merge, models, base_name)
+        check_ranges(slices, models, recipe_file)
+        if method_name in LAYERED:
+            tensors, layer_sources = layered_plan(merge, slices, models, base, recipe_file)
+        else:
+            tensors, layer_sources = tensorwise_plan(merge, get_method(method_name), slices, models, base,
+                                                     base_name, recipe_file)
+        used = _inputs_used(tensors, slices, models, base, method_name in LAYERED)
+        left_out = {m: sorted(set(models[m].reader.tensors) - used[m]) for m in models}
         out = ctx.out / C.MERGED_DIR
         out.mkdir()
         total = sum(t.nbytes for t in tensors)
-        logger.info("merge %s: %d tensors, %d layers, %.2f GB", stage.recipe.name, len(tensors),
+        logger.info("merge %s (%s): %d tensors, %d layers, %.2f GB", stage.recipe.name, method_name, len(tensors),
                     len(layer_sources), total / 1e9)
         with _progress(total, f"merge {stage.recipe.name}") as advance:
             shards = write_model(out, tensors, int(merge.get("shard_bytes", C.DEFAULT_SHARD_BYTES)), advance)
     finally:
         for m in models.values():
             m.reader.close()
-    config = rewrite_config(base, models, layer_sources, merge.get("out_dtype") or merge["dtype"])
+    out_dtype = merge.get("out_dtype") or merge.get("dtype") or _dtype_name(base)
+    config = rewrite_config(base, models, layer_sources, out_dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tok_name = merge.get("tokenizer_source") or merge.get("tokenizer") or base_name
-    tok_name = base_name if tok_name == "base" else tok_name
+    tok_name = merge.get("tokenizer_source") or merge.get("tokenizer") or base.name
+    tok_name = base.name if tok_name == "base" else tok_name
     copied = copy_tokenizer(models[tok_name].directory if tok_name in models else source_dir(stage, tok_name), out)
     if isinstance(merge.get("chat_template"), str):
         (out / "chat_template.jinja").write_text(merge["chat_template"])
-    ctx.record["merge"] = {"layers": len(layer_sources), "layer_sources": [f"{m}:{i}" for m, i in layer_sources],
-                           "shards": shards, "tokenizer_files": copied, "left_out": left_out}
+    ctx.record["merge"] = {"method": method_name, "layers": len(layer_sources),
+                           "layer_sources": [f"{m}:{i}" for m, i in layer_sources], "shards": shards,
+                           "tokenizer_files": copied, "left_out": {m: v for m, v in left_out.items() if v}}
+
+
+def _dtype_name(model: Model) -> str:
+    first = next(iter(model.reader.tensors.values()))
+    return {v: k for k, v in TORCH_DTYPES.items()}.get(first.dtype, "bfloat16")
+
+
+def _inputs_used(tensors: list[OutTensor], slices: list[Slice], models: dict[str, Model], base: Model,
+                 layered: bool) -> dict[str, set[str]]:
+    """Which input tensors the output draws on: layers named by the slices, other modules from the base (layered)
+    or from every model of the first and last slice (merged)."""
+    used: dict[str, set[str]] = {name: set() for name in models}
+    for sl in slices:
+        for src in sl.sources:
+            model = models[src.model]
+            heads = tuple(f"{model.prefix}.{i}." for i in range(src.start, src.end))
+            used[src.model].update(n for n in model.reader.tensors if n.startswith(heads))
+    outside = {t.name for t in tensors if not t.name.startswith(base.prefix + ".")}
+    donors = [base] if layered else [models[src.model] for sl in (slices[0], slices[-1]) for src in sl.sources]
+    for model in donors:
+        used[model.name].update(n for n in model.reader.tensors if n in outside)
+    return used
 
 
 class _progress:

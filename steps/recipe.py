@@ -22,13 +22,12 @@ from steps.errors import RecipeError
 TOP_KEYS = ("name", "description", "sources", "merge", "gguf", "imatrix", "quantize", "bench")
 SOURCE_KEYS = ("path", "package", "sha256", "file", "hf", "revision", "trust_remote_code")
 MERGE_KEYS = ("merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype",
-              "tokenizer_source", "tokenizer", "chat_template", "shard_bytes")
-SLICE_KEYS = ("sources",)
+              "tokenizer_source", "tokenizer", "chat_template", "shard_bytes", "random_seed")
+SLICE_KEYS = ("sources", "parameters")
 SLICE_SOURCE_KEYS = ("model", "layer_range", "parameters")
 GGUF_KEYS = ("outtype",)
 IMATRIX_KEYS = ("calibration", "chunks", "context")
 BENCH_KEYS = ("heldout", "context", "chunks")
-MERGE_METHODS = ("passthrough",)
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -166,46 +165,97 @@ def _sources(check: _Checker, value: Any, base: Path) -> dict[str, Source]:
 
 
 def _merge(check: _Checker, value: Any, sources: dict[str, Source]) -> dict[str, Any]:
+    from steps import methods
     merge = dict(check.mapping(value, "merge", MERGE_KEYS))
-    method = merge.get("merge_method")
-    if method not in MERGE_METHODS:
-        raise check.fail("merge.merge_method", f"unknown or unsupported method {method!r}"
-                         f"{did_you_mean(str(method), MERGE_METHODS)}; supported: {', '.join(MERGE_METHODS)}")
-    merge.setdefault("dtype", "bfloat16")
-    if merge["dtype"] not in DTYPES:
-        raise check.fail("merge.dtype", f"expected one of {', '.join(DTYPES)}, got {merge['dtype']!r}")
-    slices = merge.get("slices")
-    if not isinstance(slices, list) or not slices:
-        raise check.fail("merge.slices", "passthrough needs a list of slices, each with sources: "
-                         "[{model: <source>, layer_range: [start, end]}]")
-    for i, sl in enumerate(slices):
-        sl = check.mapping(sl, f"merge.slices[{i}]", SLICE_KEYS)
-        srcs = sl.get("sources")
-        if not isinstance(srcs, list) or len(srcs) != 1:
-            raise check.fail(f"merge.slices[{i}].sources", "passthrough takes exactly one source per slice")
-        for j, src in enumerate(srcs):
-            key = f"merge.slices[{i}].sources[{j}]"
-            check.mapping(src, key, SLICE_SOURCE_KEYS)
-            _model_ref(check, src.get("model"), f"{key}.model", sources)
-            rng = src.get("layer_range")
-            if (not isinstance(rng, list) or len(rng) != 2 or not all(type(x) is int for x in rng)
-                    or not 0 <= rng[0] < rng[1]):
-                raise check.fail(f"{key}.layer_range", f"expected [start, end) with 0 <= start < end, got {rng!r}")
-            params = check.mapping(src.get("parameters", {}) or {}, f"{key}.parameters", ("scale",))
-            if "scale" in params:
-                check.typed(params["scale"], f"{key}.parameters.scale", (int, float), "a number")
-            source = sources[src["model"]]
-            if source.path is not None:
-                layers = source_layer_count(source.path)
-                if layers is not None and rng[1] > layers:
-                    raise check.fail(f"{key}.layer_range", f"{rng} is outside model '{src['model']}', which has "
-                                     f"{layers} layers; use a range within [0, {layers}]")
-    for key in ("tokenizer_source", "base_model"):
+    name = merge.get("merge_method")
+    known = methods.names()
+    if name not in known:
+        raise check.fail("merge.merge_method", f"unknown method {name!r}{did_you_mean(str(name), known)}; "
+                         f"known: {', '.join(known)}")
+    for key in ("dtype", "out_dtype"):
+        if merge.get(key) is not None and merge[key] not in DTYPES:
+            raise check.fail(f"merge.{key}", f"expected one of {', '.join(DTYPES)}, got {merge[key]!r}")
+    if ("slices" in merge) == ("models" in merge):
+        raise check.fail("merge", "give either slices: (layer ranges) or models: (whole models), as in mergekit")
+    layered = name in methods.LAYERED
+    method = None if layered else methods.get(name)
+    allowed = _allowed_params(name, method)
+    check.mapping(merge.get("parameters") or {}, "merge.parameters", allowed)
+    for key in ("tokenizer_source", "tokenizer", "base_model"):
         if key in merge and merge[key] != "base":
             _model_ref(check, merge[key], f"merge.{key}", sources)
+    if method is not None and method.base == "required" and "base_model" not in merge:
+        raise check.fail("merge.base_model", f"{name} needs a base_model (the model the task vectors start from)")
+    if "slices" in merge:
+        slices = merge["slices"]
+        if not isinstance(slices, list) or not slices:
+            raise check.fail("merge.slices", "expected a list of slices, each with sources: "
+                             "[{model: <source>, layer_range: [start, end]}]")
+        for i, sl in enumerate(slices):
+            sl = check.mapping(sl, f"merge.slices[{i}]", SLICE_KEYS)
+            check.mapping(sl.get("parameters") or {}, f"merge.slices[{i}].parameters", allowed)
+            srcs = sl.get("sources")
+            if not isinstance(srcs, list) or not srcs or (layered and len(srcs) != 1):
+                raise check.fail(f"merge.slices[{i}].sources", f"{name} takes exactly one source per slice"
+                                 if layered else "expected a list of {model, layer_range} sources")
+            for j, src in enumerate(srcs):
+                _source_entry(check, src, f"merge.slices[{i}].sources[{j}]", sources, allowed, needs_range=True)
+    else:
+        models = merge["models"]
+        if not isinstance(models, list) or not models:
+            raise check.fail("merge.models", "expected a list of {model: <source>, parameters: {...}}")
+        for i, entry in enumerate(models):
+            _source_entry(check, entry, f"merge.models[{i}]", sources, allowed, needs_range=False)
+    if method is not None:
+        _required_params(check, merge, method)
     if "shard_bytes" in merge:
         check.positive_int(merge["shard_bytes"], "merge.shard_bytes")
+    if "random_seed" in merge:
+        check.typed(merge["random_seed"], "merge.random_seed", int, "an integer")
     return merge
+
+
+def _allowed_params(name: str, method: Any) -> tuple[str, ...]:
+    return ("scale",) if method is None else tuple(method.defaults())
+
+
+def _source_entry(check: _Checker, src: Any, key: str, sources: dict[str, Source], allowed: tuple[str, ...],
+                  needs_range: bool) -> None:
+    check.mapping(src, key, SLICE_SOURCE_KEYS)
+    _model_ref(check, src.get("model"), f"{key}.model", sources)
+    check.mapping(src.get("parameters") or {}, f"{key}.parameters", allowed)
+    rng = src.get("layer_range")
+    if rng is None and not needs_range:
+        return
+    if (not isinstance(rng, list) or len(rng) != 2 or not all(type(x) is int for x in rng)
+            or not 0 <= rng[0] < rng[1]):
+        raise check.fail(f"{key}.layer_range", f"expected [start, end) with 0 <= start < end, got {rng!r}")
+    source = sources[src["model"]]
+    if source.path is not None:
+        layers = source_layer_count(source.path)
+        if layers is not None and rng[1] > layers:
+            raise check.fail(f"{key}.layer_range", f"{rng} is outside model '{src['model']}', which has "
+                             f"{layers} layers; use a range within [0, {layers}]")
+
+
+def _required_params(check: _Checker, merge: dict[str, Any], method: Any) -> None:
+    """Every required parameter is set somewhere a model will find it (before any GB is read)."""
+    from steps.methods import REQUIRED
+    top = merge.get("parameters") or {}
+    slices = merge["slices"] if "slices" in merge else [{"sources": merge["models"]}]
+    for p, default in method.shared.items():
+        if default is REQUIRED and p not in top and not all(p in (sl.get("parameters") or {}) for sl in slices):
+            raise check.fail(f"merge.parameters.{p}", f"missing; {method.name} needs {p}")
+    for i, sl in enumerate(slices):
+        for j, src in enumerate(sl["sources"]):
+            is_base = src["model"] == merge.get("base_model") and method.base != "ignored"
+            for p, default in method.per_model.items():
+                if default is not REQUIRED or (is_base and p in method.non_base_only):
+                    continue
+                if p not in top and p not in (sl.get("parameters") or {}) and p not in (src.get("parameters") or {}):
+                    where = f"merge.slices[{i}].sources[{j}]" if "slices" in merge else f"merge.models[{j}]"
+                    raise check.fail(f"{where}.parameters.{p}", f"missing; {method.name} needs {p} for model "
+                                     f"'{src['model']}' (set it here, on the slice or in merge.parameters)")
 
 
 def _model_ref(check: _Checker, name: Any, key: str, sources: dict[str, Source]) -> None:

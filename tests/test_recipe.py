@@ -37,7 +37,7 @@ def test_valid_recipe_loads(tmp_path: Path, tiny_llama: Path) -> None:
     r = load(path)
     assert r.name == "ok" and r.quantize == ("Q4_K_M",) and r.imatrix == {"calibration": str(DATA / "calibration.txt"),
                                                                            "chunks": 2, "context": 512}
-    assert r.merge["dtype"] == "bfloat16"
+    assert "dtype" not in r.merge  # as in mergekit: unset means the inputs' own dtype
 
 
 def test_unknown_top_level_key(tmp_path: Path, tiny_llama: Path) -> None:

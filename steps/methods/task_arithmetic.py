@@ -1,0 +1,160 @@
+"""Task-vector methods: task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della,
+della_linear (mergekit's generalized task arithmetic).
+
+Each non-base model's task vector (model - base) is sparsified (magnitude top-k for ties, random drop for DARE,
+magnitude outliers for breadcrumbs, magnitude-ranked random drop for DELLA), weighted, optionally reduced to the
+entries agreeing with the majority sign (TIES consensus), summed, normalized by the weights and scaled by lambda.
+Everything is computed in the merge dtype, as in mergekit; the random drops draw from a generator seeded per tensor
+and model, so a seed gives the same bytes whatever the order tensors are merged in.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from steps.methods import REQUIRED, merge_method
+
+FAMILY = {
+    #  name               consensus  sparsifier   normalize rescale  extra per-model parameter
+    "task_arithmetic":   (False,     None,        False,    False,   {}),
+    "ties":              (True,      "magnitude", True,     False,   {}),
+    "dare_ties":         (True,      "random",    False,    True,    {}),
+    "dare_linear":       (False,     "random",    False,    True,    {}),
+    "breadcrumbs":       (False,     "outliers",  False,    False,   {"gamma": 0.01}),
+    "breadcrumbs_ties":  (True,      "outliers",  False,    False,   {"gamma": 0.01}),
+    "della":             (True,      "della",     True,     True,    {"epsilon": 0.15}),
+    "della_linear":      (False,     "della",     False,    True,    {"epsilon": 0.15}),
+}
+
+
+def _rescaled(x: Any, mask: Any, rescale: bool) -> Any:
+    """x * mask; with rescale, matched to x's L1 norm (mergekit's rescale rule, not 1/density)."""
+    import torch
+    masked = x * mask
+    if not rescale:
+        return masked
+    before, after = float(torch.sum(torch.abs(x))), float(torch.sum(torch.abs(masked)))
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude(x: Any, density: float, rescale: bool) -> Any:
+    """Keep the int(density * n) entries of largest magnitude (at least one)."""
+    import torch
+    if density >= 1:
+        return x
+    if density <= 0 or x.numel() == 0:
+        return torch.zeros_like(x)
+    k = max(1, int(density * x.numel()))
+    order = torch.argsort(torch.abs(x).flatten().float(), descending=True)
+    mask = torch.zeros(x.numel(), dtype=x.dtype)
+    mask[order[:k]] = 1
+    return _rescaled(x, mask.reshape(x.shape), rescale)
+
+
+def outliers(x: Any, density: float, gamma: float, rescale: bool) -> Any:
+    """Breadcrumbs: drop the largest gamma fraction and the smallest entries, keeping int(density * n)."""
+    import torch
+    if density >= 1:
+        return x
+    n = x.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros_like(x)
+    target, n_top = int(density * n), int(gamma * n)
+    n_bottom = max(0, n - target - n_top)
+    order = torch.sort(torch.abs(x).flatten().float()).indices
+    mask = torch.zeros(n, dtype=x.dtype)
+    mask[order[n_bottom:n_bottom + target]] = 1
+    return _rescaled(x, mask.reshape(x.shape), rescale)
+
+
+def _random_dtype(dtype: Any) -> Any:
+    import torch
+    return dtype if dtype == torch.bfloat16 else torch.float32
+
+
+def random_drop(x: Any, density: float, rescale: bool, gen: Any) -> Any:
+    """DARE: keep each entry with probability density."""
+    import torch
+    if density >= 1:
+        return x
+    work = _random_dtype(x.dtype)
+    mask = torch.bernoulli(torch.full(x.shape, density, dtype=work), generator=gen)
+    return _rescaled(x.to(work), mask, rescale).to(x.dtype)
+
+
+def della(x: Any, density: float, epsilon: float, rescale: bool, gen: Any) -> Any:
+    """DELLA: per row, keep probability rising linearly with magnitude rank from density-eps to density+eps."""
+    import torch
+    if density >= 1:
+        return x
+    if density <= 0:
+        return torch.zeros_like(x)
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1 (density {density}, "
+                         f"epsilon {epsilon})")
+    work = _random_dtype(x.dtype)
+    rows = x.reshape(1, -1) if x.dim() == 1 else x
+    ranks = torch.argsort(torch.argsort(torch.abs(rows), dim=1), dim=1) + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    norm = torch.clamp((ranks - lo).to(work) / (hi - lo).clamp(min=1).to(work), 0, 1)
+    probs = (density - epsilon) + 2 * epsilon * norm
+    mask = torch.bernoulli(probs.to(work), generator=gen)
+    return _rescaled(rows.to(work), mask, rescale).to(x.dtype).reshape(x.shape)
+
+
+def _make(name: str) -> None:
+    consensus, sparsifier, normalize, rescale, extra = FAMILY[name]
+
+    def merge(xs: list[Any], base: int | None, per_model: list[dict[str, Any]], shared: dict[str, Any],
+              gen: Any) -> Any:
+        import torch
+        assert base is not None
+        b = xs[base]
+        others = [i for i in range(len(xs)) if i != base]
+        if not others:
+            return b
+        deltas = []
+        for i in others:
+            delta, p = xs[i] - b, per_model[i]
+            density = float(p["density"])
+            if sparsifier == "magnitude":
+                delta = magnitude(delta, density, shared["rescale"])
+            elif sparsifier == "outliers":
+                delta = outliers(delta, density, float(p["gamma"]), shared["rescale"])
+            elif sparsifier == "random":
+                delta = random_drop(delta, density, shared["rescale"], gen[i])
+            elif sparsifier == "della":
+                delta = della(delta, density, float(p["epsilon"]), shared["rescale"], gen[i])
+            deltas.append(delta)
+        stacked = torch.stack(deltas)
+        weights = torch.tensor([float(per_model[i]["weight"]) for i in others], dtype=b.dtype)
+        weights = weights.reshape(-1, *([1] * b.dim()))
+        stacked = stacked * weights
+        if consensus:
+            signs = torch.sign(stacked)
+            majority = torch.where(stacked.sum(dim=0) >= 0, 1, -1).to(signs.dtype)
+            mask = signs == majority
+            mixed = (stacked * mask).sum(dim=0)
+            divisor = (weights * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = stacked.sum(dim=0)
+            divisor = weights.sum(dim=0)
+            if float(torch.abs(divisor).max()) < 1e-8:
+                divisor = torch.ones_like(divisor)
+        if shared["normalize"]:
+            mixed = mixed / divisor
+        if float(shared["lambda"]) != 1:
+            mixed = mixed * float(shared["lambda"])
+        return (b + mixed).to(b.dtype)
+
+    merge.__name__ = name
+    merge_method(name, per_model={"weight": REQUIRED, "density": 1.0, **extra},
+                 non_base_only=("weight", "density", *extra),
+                 shared={"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0},
+                 base="required", random=sparsifier in ("random", "della"))(merge)
+
+
+for _name in FAMILY:
+    _make(_name)
