@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "tests"))  # the synthetic model generator the tests use
 
 TRIVIAL_DODO = '''
 def task_noop():
@@ -93,34 +94,13 @@ def demo_part(ws: Path) -> dict[str, object]:
             "stages": stages}
 
 
-def make_big_model(dest: Path, gib: float) -> int:
-    """A Llama-shaped bf16 model of about `gib` GiB, written tensor by tensor (bounded memory)."""
-    import torch
-
-    from steps.tensors import OutTensor, write_model
-    hidden, inter, kv, vocab = 2048, 5632, 512, 32000
-    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden
+def make_big_model(dest: Path, gib: float, seed: int = 0) -> int:
+    """A Llama-shaped bf16 model of about `gib` GiB (hidden 2048, like a 1B model); returns its layer count."""
+    from conftest import make_synthetic_llama
+    hidden, inter, vocab = 2048, 5632, 32000
+    per_layer = 2 * hidden * hidden + 2 * hidden * (hidden // 4) + 3 * hidden * inter + 2 * hidden
     layers = max(1, round((gib * 2**30 / 2 - 2 * vocab * hidden) / per_layer))
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
-                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-                       p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-                       p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
-                       p + "post_attention_layernorm.weight": (hidden,)})
-    gen = torch.Generator().manual_seed(0)
-
-    def produce(shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
-        return lambda: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
-
-    dest.mkdir(parents=True)
-    write_model(dest, [OutTensor(n, "BF16", s, produce(s)) for n, s in shapes.items()], 5_000_000_000)
-    (dest / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
-        "num_key_value_heads": 4, "vocab_size": vocab, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5}))
+    make_synthetic_llama(dest, layers, hidden, inter, vocab, seed)
     return layers
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -135,6 +136,8 @@ def _settings(merge: dict[str, Any], sl: Slice, src: SliceSource | None) -> list
 def _compute_dtype(merge: dict[str, Any], infos: list[Any]) -> str:
     if merge.get("dtype"):
         return TORCH_DTYPES[merge["dtype"]]
+    if len({info.dtype for info in infos}) == 1:
+        return str(infos[0].dtype)
     import torch
     by_name = {v: getattr(torch, k) for k, v in TORCH_DTYPES.items()}
     promoted = by_name[infos[0].dtype]
@@ -285,15 +288,25 @@ def _merged_tensor(merge: dict[str, Any], method: Method, sl: Slice, inputs: lis
                           "parameters") from None
     seed = int(merge.get("random_seed", 0))
 
+    device = merge_device()
+
     def compute() -> bytes:
         import torch
-        xs = [models[src.model].reader.tensor(name).to(_torch_dtype(dtype)) for src, name in present]
+        xs = [models[src.model].reader.tensor(name).to(device=device, dtype=_torch_dtype(dtype))
+              for src, name in present]
         gens = None
         if method.random:
-            gens = [torch.Generator().manual_seed(_seed(seed, out_name, src.model)) for src, _ in present]
-        return _to_bytes(method.fn(xs, base_index, per_model, shared, gens), out_dtype)
+            gens = [torch.Generator(device=device).manual_seed(_seed(seed, out_name, src.model)) for src, _ in present]
+        with torch.device(device):
+            merged = method.fn(xs, base_index, per_model, shared, gens)
+        return _to_bytes(merged.cpu(), out_dtype)
 
     return OutTensor(out_name, out_dtype, infos[0].shape, compute)
+
+
+def merge_device() -> str:
+    """MERGEFORGE_MERGE_DEVICE (e.g. cuda) computes the arithmetic methods there; the default is the CPU."""
+    return os.environ.get("MERGEFORGE_MERGE_DEVICE", "cpu")
 
 
 def _seed(seed: int, tensor: str, model: str) -> int:

@@ -80,6 +80,9 @@ class Stage:
         tools["mergeforge-stage"] = str(C.STAGE_VERSIONS[self.kind])
         if self.kind in C.LLAMA_CPP_STAGES:
             tools["llama.cpp"] = llama_cpp_version()
+        if self.kind == "merge" and os.environ.get("MERGEFORGE_MERGE_DEVICE", "cpu") != "cpu":
+            # another device's arithmetic (and random stream) gives other bytes: another build
+            tools["merge_device"] = os.environ["MERGEFORGE_MERGE_DEVICE"]
         return tools
 
 
@@ -116,7 +119,8 @@ def plan(recipe: Recipe) -> list[Stage]:
 
 def find(stage_id: str, recipes_dir: Path | None = None) -> Stage:
     """The stage with this id, planned anew from the recipes (for running one stage by hand)."""
-    for path in sorted((recipes_dir or root() / "recipes").glob("*.yaml")):
+    default = Path(os.environ.get("MERGEFORGE_RECIPES", root() / "recipes"))
+    for path in sorted((recipes_dir or default).glob("*.yaml")):
         for stage in plan(load(path)):
             if stage.id == stage_id:
                 return stage

@@ -50,6 +50,36 @@ def make_llama(dest: Path, seed: int, layers: int = 4, hidden: int = 256, vocab:
     return dest
 
 
+def make_synthetic_llama(dest: Path, layers: int, hidden: int, inter: int, vocab: int, seed: int = 0) -> Path:
+    """A Llama-shaped bf16 model of any size with random weights, written tensor by tensor (bounded memory).
+    No tokenizer: for merge-stage tests and benchmarks."""
+    import torch
+
+    from steps.tensors import OutTensor, write_model
+    kv = hidden // 4
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                       p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
+                       p + "post_attention_layernorm.weight": (hidden,)})
+    gen = torch.Generator().manual_seed(seed)
+
+    def produce(shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
+        return lambda: bytes((torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy())
+
+    dest.mkdir(parents=True)
+    write_model(dest, [OutTensor(n, "BF16", s, produce(s)) for n, s in shapes.items()], 5_000_000_000)
+    (dest / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
+        "num_key_value_heads": 4, "vocab_size": vocab, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5}))
+    return dest
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_llama(tmp_path_factory.mktemp("models") / "tiny-a", seed=1)

@@ -207,3 +207,45 @@ merge:
     src, dst = ModelReader(tiny_llama), ModelReader(out)
     for name in src.tensors:
         assert src.raw(name) == dst.raw(name)
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+PEAK_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True);"
+            "print('PEAK_RSS_KIB=%d' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, bound_mib", [("passthrough", 150), ("ties", 700)])
+def test_peak_rss_is_bounded_by_tensors_not_models(method: str, bound_mib: int, tmp_path: Path) -> None:
+    """Three 400 MB inputs (largest tensor 8 MB): the merge's peak RSS stays far below one model's size."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import make_synthetic_llama
+    models = {n: make_synthetic_llama(tmp_path / n, layers=12, hidden=1024, inter=4096, vocab=4096, seed=i)
+              for i, n in enumerate(("base", "a", "b"))}
+    size_mib = sum(p.stat().st_size for p in models["a"].glob("*.safetensors")) / 2**20
+    assert size_mib > 350
+    merge = ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 12]}]},
+                                                          {"sources": [{"model": "b", "layer_range": [4, 12]}]}]}
+             if method == "passthrough" else
+             {"merge_method": "ties", "base_model": "base", "dtype": "bfloat16",
+              "models": [{"model": "a", "parameters": {"weight": 0.5, "density": 0.5}},
+                         {"model": "b", "parameters": {"weight": 0.5, "density": 0.5}}]})
+    import yaml
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "big.yaml").write_text(yaml.safe_dump(
+        {"sources": {n: {"path": str(p)} for n, p in models.items()}, "merge": merge}))
+    env = dict(os.environ, MERGEFORGE_RECIPES=str(tmp_path / "recipes"), MERGEFORGE_BUILD=str(tmp_path / "build"),
+               MERGEFORGE_STORE=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, "-m", "steps.fetch", "big"], env=env, check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "steps.merge", "big"], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak_mib = int(re.search(r"PEAK_RSS_KIB=(\d+)", proc.stdout).group(1)) / 1024  # type: ignore[union-attr]
+    out_mib = sum(p.stat().st_size for p in (tmp_path / "build" / "big" / "merged").glob("*.safetensors")) / 2**20
+    assert out_mib > 350
+    assert peak_mib < bound_mib, f"{method}: peak RSS {peak_mib:.0f} MiB for {size_mib:.0f} MiB inputs"
