@@ -395,7 +395,7 @@ def build(ctx: Context) -> None:
     tok_name = merge.get("tokenizer_source") or merge.get("tokenizer") or base.name
     tok_name = base.name if tok_name == "base" else tok_name
     copied = copy_tokenizer(models[tok_name].directory if tok_name in models else source_dir(stage, tok_name), out)
-    if isinstance(merge.get("chat_template"), str):
+    if merge.get("chat_template") not in (None, "auto"):
         (out / "chat_template.jinja").write_text(merge["chat_template"])
     ctx.record["merge"] = {"method": method_name, "layers": len(layer_sources),
                            "layer_sources": [f"{m}:{i}" for m, i in layer_sources], "shards": shards,

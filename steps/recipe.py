@@ -110,10 +110,13 @@ def load(file: str | Path) -> Recipe:
     name = raw.get("name", file.stem)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise check.fail("name", f"expected letters, digits, '.', '_' or '-', got {name!r}")
-    for required in ("sources", "merge"):
-        if required not in raw:
-            raise check.fail(required, "missing; every recipe declares its sources and its merge")
-    sources = _sources(check, raw["sources"], base)
+    if "merge" not in raw:
+        raise check.fail("merge", "missing; every recipe declares its merge (mergekit syntax)")
+    sources = _sources(check, raw["sources"], base) if raw.get("sources") is not None else {}
+    sources.update(_path_refs(raw["merge"], sources, base))
+    if not sources:
+        raise check.fail("sources", "missing; name each model once under sources: ({path: ...} or {package: ...}),"
+                         " or give local model paths in the merge block")
     merge = _merge(check, raw["merge"], sources)
     gguf = dict(check.mapping(raw.get("gguf", {}) or {}, "gguf", GGUF_KEYS))
     gguf.setdefault("outtype", "bf16")
@@ -210,6 +213,10 @@ def _merge(check: _Checker, value: Any, sources: dict[str, Source]) -> dict[str,
         _required_params(check, merge, method)
     if "shard_bytes" in merge:
         check.positive_int(merge["shard_bytes"], "merge.shard_bytes")
+    template = merge.get("chat_template")
+    if template is not None and template != "auto" and not (isinstance(template, str) and "{" in template):
+        raise check.fail("merge.chat_template", f"expected a Jinja chat template or 'auto' (the tokenizer "
+                         f"source's own), got {template!r}; named templates are not built in")
     if "random_seed" in merge:
         check.typed(merge["random_seed"], "merge.random_seed", int, "an integer")
     return merge
@@ -258,10 +265,31 @@ def _required_params(check: _Checker, merge: dict[str, Any], method: Any) -> Non
                                      f"'{src['model']}' (set it here, on the slice or in merge.parameters)")
 
 
+def _path_refs(merge: Any, sources: dict[str, Source], base: Path) -> dict[str, Source]:
+    """Model references that name a local model directory rather than a source: a pasted mergekit YAML with
+    local paths works unchanged, each path becoming a source of its own."""
+    found: dict[str, Source] = {}
+    if not isinstance(merge, dict):
+        return found
+    refs = [merge.get(k) for k in ("base_model", "tokenizer_source", "tokenizer")]
+    for entry in merge.get("models") or []:
+        refs.append(entry.get("model") if isinstance(entry, dict) else None)
+    for sl in merge.get("slices") or []:
+        for src in (sl.get("sources") or []) if isinstance(sl, dict) else []:
+            refs.append(src.get("model") if isinstance(src, dict) else None)
+    for ref in refs:
+        if isinstance(ref, str) and ref not in sources and ref not in found:
+            path = (base / ref).expanduser().resolve()
+            if (path / "config.json").is_file():
+                found[ref] = Source(ref, "path", {"path": str(path)}, path)
+    return found
+
+
 def _model_ref(check: _Checker, name: Any, key: str, sources: dict[str, Source]) -> None:
     if not isinstance(name, str) or name not in sources:
         raise check.fail(key, f"unknown source {name!r}{did_you_mean(str(name), list(sources))}; "
-                         f"declare it under sources: (known: {', '.join(sources)})")
+                         f"declare it under sources: (known: {', '.join(sources)}), or give the path of a local "
+                         "model directory")
 
 
 def source_layer_count(model_dir: Path) -> int | None:

@@ -71,14 +71,25 @@ class ModelReader:
         return os.pread(handle.fileno(), info.nbytes, info.start)
 
     def tensor(self, name: str) -> Any:
+        """The tensor, read straight into its own buffer (one copy, no intermediate bytes)."""
         import torch
         info = self.tensors[name]
-        data = bytearray(self.raw(name))
         dtype = {v: getattr(torch, k) for k, v in TORCH_DTYPES.items()}.get(info.dtype)
         if dtype is None:
             raise ValueError(f"{self.directory}: tensor {name} has dtype {info.dtype}, which cannot be merged")
-        return torch.frombuffer(data, dtype=dtype).reshape(info.shape) if info.nbytes else torch.empty(info.shape,
-                                                                                                       dtype=dtype)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = open(info.file, "rb")
+            view = memoryview(buffer.numpy())
+            done = 0
+            while done < info.nbytes:
+                n = os.preadv(handle.fileno(), [view[done:]], info.start + done)
+                if n <= 0:
+                    raise ValueError(f"{info.file}: truncated reading tensor {name}")
+                done += n
+        return buffer.view(dtype).reshape(info.shape)
 
     def close(self) -> None:
         for handle in self._handles.values():

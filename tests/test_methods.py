@@ -28,16 +28,20 @@ needs_mergekit = pytest.mark.skipif(MERGEKIT is None, reason="mergekit (test ext
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny base model and three fine-tunes of it (base + small, different perturbations)."""
+    """A tiny base model and three fine-tunes of it (base + small, different perturbations), in float32: with
+    continuous values no two magnitudes tie at a top-k threshold, where "the k largest" would be ambiguous."""
     root = tmp_path_factory.mktemp("family")
     base = make_llama(root / "base", seed=1)
+    state = {n: v.float() for n, v in load_file(base / "model.safetensors").items()}
+    g = torch.Generator().manual_seed(99)
+    state = {n: v + 1e-4 * torch.randn(v.shape, generator=g) for n, v in state.items()}
+    save_file(state, base / "model.safetensors", metadata={"format": "pt"})
     models = {"base": base}
-    state = load_file(base / "model.safetensors")
     for k in range(3):
         d = root / f"ft{k}"
         shutil.copytree(base, d)
         g = torch.Generator().manual_seed(100 + k)
-        tuned = {n: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for n, v in state.items()}
+        tuned = {n: v + 0.01 * torch.randn(v.shape, generator=g) for n, v in state.items()}
         save_file(tuned, d / "model.safetensors", metadata={"format": "pt"})
         models[f"ft{k}"] = d
     return models
@@ -137,6 +141,26 @@ DETERMINISTIC = {
 }
 
 
+def unambiguous_positions(merge: dict, family: dict[str, Path]) -> dict[str, torch.Tensor]:  # type: ignore[type-arg]
+    """Per tensor, the positions where no model's task vector ties with its own top-k threshold."""
+    from steps.methods import evaluate, layer_position
+    base = tensors(family[merge["base_model"]])
+    keep = {k: torch.ones(v.shape, dtype=torch.bool) for k, v in base.items()}
+    for entry in merge["models"]:
+        model = tensors(family[entry["model"]])
+        for k in base:
+            layer = int(k.split(".")[2]) if k.startswith("model.layers.") else None
+            t = layer_position(layer, 4) if layer is not None else 0.0
+            density = float(evaluate(entry["parameters"]["density"], k, t))
+            magnitude = (model[k] - base[k]).abs().flatten()
+            n = magnitude.numel()
+            if density >= 1:
+                continue
+            threshold = torch.kthvalue(magnitude, n - max(1, int(density * n)) + 1).values
+            keep[k] &= (magnitude != threshold).reshape(keep[k].shape)
+    return keep
+
+
 @needs_mergekit
 @pytest.mark.parametrize("case", sorted(DETERMINISTIC))
 def test_matches_mergekit(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -151,7 +175,15 @@ def test_matches_mergekit(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
         for k in ("model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"):
             assert torch.equal(got[k], first[k].float())
             del got[k], want[k]
-    tolerance = 1e-2 if merge["dtype"] == "bfloat16" else 1e-6
+    # bf16: many magnitudes tie at the top-k threshold; which tied entries are kept is mergekit's argsort order
+    # there and index order here (both keep exactly k), so the results differ by a few tied entries.
+    tolerance = 2e-2 if merge["dtype"] == "bfloat16" else 1e-6
+    if merge["merge_method"] == "ties" and merge["dtype"] == "float32":
+        # Entries whose magnitude equals a model's top-k threshold are ambiguous ("the k largest" of tied values):
+        # mergekit keeps the ones its argsort happens to put first, this engine the first in index order.
+        for k, keep in unambiguous_positions(merge, family).items():
+            assert float(keep.float().mean()) > 0.95
+            got[k], want[k] = got[k][keep], want[k][keep]
     worst = max((rel_l2(got[k], want[k]), k) for k in want)
     assert worst[0] <= tolerance, f"{case}: {worst[1]} differs from mergekit by {worst[0]:.3g} relative L2"
     ours_cfg = json.loads((tmp_path / "build" / "r" / "merged" / "config.json").read_text())
@@ -187,8 +219,10 @@ def test_random_methods_keep_density_and_rescale(case: str, tmp_path: Path, monk
         total += keep.numel()
         # the L1 rescale rule: the kept entries carry the whole task vector's L1 norm
         assert float(merged.abs().sum()) == pytest.approx(float(delta.abs().sum()), rel=1e-4)
-        # a kept entry is the original entry times one common factor
-        ratio = merged[keep] / delta[keep]
+        # a kept entry is the original entry times one common factor (compared where float32 rounding of
+        # base + delta - base is small against the entry)
+        large = keep & (delta.abs() > 1e-3)
+        ratio = merged[large] / delta[large]
         assert float(ratio.max() - ratio.min()) < 1e-3 * float(ratio.mean())
     assert kept / total == pytest.approx(density, abs=0.01)
     again = tensors(ours(tmp_path / "b", monkeypatch, family, {**merge, "random_seed": 7}))
@@ -234,3 +268,24 @@ def test_frankenmerge_with_repeated_layer(tmp_path: Path, monkeypatch: pytest.Mo
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 5
     for new, old in enumerate([0, 1, 2, 2, 3]):
         assert torch.equal(got[f"model.layers.{new}.mlp.up_proj.weight"], a[f"model.layers.{old}.mlp.up_proj.weight"])
+
+
+@needs_mergekit
+def test_mergekit_yaml_pastes_in_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           family: dict[str, Path]) -> None:
+    """A mergekit config with local model paths is a valid merge block as it stands."""
+    merge = {"merge_method": "task_arithmetic", "base_model": str(family["base"]), "dtype": "float32",
+             "models": [{"model": str(family["ft0"]), "parameters": {"weight": 0.5}},
+                        {"model": str(family["ft1"]), "parameters": {"weight": 0.5}}]}
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(merge))
+    monkeypatch.setenv("MERGEFORGE_BUILD", str(tmp_path / "build"))
+    monkeypatch.setenv("MERGEFORGE_STORE", str(tmp_path / "cache"))
+    recipe = tmp_path / "pasted.yaml"
+    recipe.write_text("merge:\n" + "".join(f"  {line}\n" for line in (tmp_path / "mk.yml").read_text().splitlines()))
+    stages = {s.kind: s for s in plan(load(recipe))}
+    execute(stages["fetch"])
+    execute(stages["merge"])
+    got = tensors(stages["merge"].build_dir / "merged")
+    want = tensors(theirs(tmp_path, family, merge))
+    assert got.keys() == want.keys()
+    assert max(rel_l2(got[k], want[k]) for k in want) <= 1e-6

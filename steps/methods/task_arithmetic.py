@@ -38,6 +38,24 @@ def _rescaled(x: Any, mask: Any, rescale: bool) -> Any:
     return masked * (before / after)
 
 
+def top_k_mask(values: Any, k: int) -> Any:
+    """A boolean mask of the k largest values (ties at the threshold: the first in index order).
+
+    A selection (kthvalue) rather than mergekit's full argsort: O(n) time and no int64 index array, the same set
+    whenever the k-th value is not tied.
+    """
+    import torch
+    n = values.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool)
+    threshold = torch.kthvalue(values, n - k + 1).values
+    mask = values > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        mask[torch.nonzero(values == threshold).flatten()[:missing]] = True
+    return mask
+
+
 def magnitude(x: Any, density: float, rescale: bool) -> Any:
     """Keep the int(density * n) entries of largest magnitude (at least one)."""
     import torch
@@ -46,9 +64,7 @@ def magnitude(x: Any, density: float, rescale: bool) -> Any:
     if density <= 0 or x.numel() == 0:
         return torch.zeros_like(x)
     k = max(1, int(density * x.numel()))
-    order = torch.argsort(torch.abs(x).flatten().float(), descending=True)
-    mask = torch.zeros(x.numel(), dtype=x.dtype)
-    mask[order[:k]] = 1
+    mask = top_k_mask(torch.abs(x).flatten().float(), k)
     return _rescaled(x, mask.reshape(x.shape), rescale)
 
 
@@ -127,21 +143,33 @@ def _make(name: str) -> None:
             elif sparsifier == "della":
                 delta = della(delta, density, float(p["epsilon"]), shared["rescale"], gen[i])
             deltas.append(delta)
-        stacked = torch.stack(deltas)
-        weights = torch.tensor([float(per_model[i]["weight"]) for i in others], dtype=b.dtype)
-        weights = weights.reshape(-1, *([1] * b.dim()))
-        stacked = stacked * weights
+        # One weighted task vector per model, summed with a wider accumulator as torch's sum over a stacked
+        # dimension does, without materializing the stack (memory: one tensor per model plus the sums).
+        weights = [torch.tensor(float(per_model[i]["weight"]), dtype=b.dtype) for i in others]
+        for delta, w in zip(deltas, weights, strict=True):
+            delta.mul_(w)
+        wide = torch.float64 if b.dtype == torch.float64 else torch.float32
         if consensus:
-            signs = torch.sign(stacked)
-            majority = torch.where(stacked.sum(dim=0) >= 0, 1, -1).to(signs.dtype)
-            mask = signs == majority
-            mixed = (stacked * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
+            total = torch.zeros(b.shape, dtype=wide)
+            for delta in deltas:
+                total += delta
+            majority = total >= 0
+            del total
+            mixed = torch.zeros(b.shape, dtype=wide)
+            divisor = torch.zeros(b.shape, dtype=wide)
+            for delta, w in zip(deltas, weights, strict=True):
+                agree = torch.where(majority, delta > 0, delta < 0)
+                mixed += delta * agree
+                divisor += w.to(wide) * agree
+            mixed, divisor = mixed.to(b.dtype), divisor.to(b.dtype)
             divisor[divisor == 0] = 1
         else:
-            mixed = stacked.sum(dim=0)
-            divisor = weights.sum(dim=0)
-            if float(torch.abs(divisor).max()) < 1e-8:
+            mixed = torch.zeros(b.shape, dtype=wide)
+            for delta in deltas:
+                mixed += delta
+            mixed = mixed.to(b.dtype)
+            divisor = sum(w for w in weights)
+            if float(torch.abs(divisor)) < 1e-8:
                 divisor = torch.ones_like(divisor)
         if shared["normalize"]:
             mixed = mixed / divisor
