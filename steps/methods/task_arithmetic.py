@@ -13,6 +13,8 @@ from typing import Any
 
 from steps.methods import REQUIRED, merge_method
 
+CHUNK = 1 << 22             # elements per step of the elementwise part
+
 FAMILY = {
     #  name               consensus  sparsifier   normalize rescale  extra per-model parameter
     "task_arithmetic":   (False,     None,        False,    False,   {}),
@@ -27,11 +29,12 @@ FAMILY = {
 
 
 def _rescaled(x: Any, mask: Any, rescale: bool) -> Any:
-    """x * mask; with rescale, matched to x's L1 norm (mergekit's rescale rule, not 1/density)."""
+    """x * mask (in place: x is the method's own task vector); with rescale, matched to x's L1 norm
+    (mergekit's rescale rule, not 1/density)."""
     import torch
-    masked = x * mask
     if not rescale:
-        return masked
+        return x.mul_(mask)
+    masked = x * mask
     before, after = float(torch.sum(torch.abs(x))), float(torch.sum(torch.abs(masked)))
     if before < 1e-7 or after < 1e-7:
         return masked
@@ -64,7 +67,9 @@ def magnitude(x: Any, density: float, rescale: bool) -> Any:
     if density <= 0 or x.numel() == 0:
         return torch.zeros_like(x)
     k = max(1, int(density * x.numel()))
-    mask = top_k_mask(torch.abs(x).flatten().float(), k)
+    # selected in the tensor's own dtype: every float dtype converts to float32 exactly and in order, so the set
+    # is the one mergekit's float32 argsort ranks first, at half the memory for bf16
+    mask = top_k_mask(torch.abs(x).flatten(), k)
     return _rescaled(x, mask.reshape(x.shape), rescale)
 
 
@@ -130,9 +135,10 @@ def _make(name: str) -> None:
         others = [i for i in range(len(xs)) if i != base]
         if not others:
             return b
+        weights = [torch.tensor(float(per_model[i]["weight"]), dtype=b.dtype) for i in others]
         deltas = []
-        for i in others:
-            delta, p = xs[i] - b, per_model[i]
+        for i, w in zip(others, weights, strict=True):
+            delta, p = xs[i].sub_(b), per_model[i]      # in place: the inputs are the method's own copies
             density = float(p["density"])
             if sparsifier == "magnitude":
                 delta = magnitude(delta, density, shared["rescale"])
@@ -142,40 +148,39 @@ def _make(name: str) -> None:
                 delta = random_drop(delta, density, shared["rescale"], gen[i])
             elif sparsifier == "della":
                 delta = della(delta, density, float(p["epsilon"]), shared["rescale"], gen[i])
-            deltas.append(delta)
-        # One weighted task vector per model, summed with a wider accumulator as torch's sum over a stacked
-        # dimension does, without materializing the stack (memory: one tensor per model plus the sums).
-        weights = [torch.tensor(float(per_model[i]["weight"]), dtype=b.dtype) for i in others]
-        for delta, w in zip(deltas, weights, strict=True):
-            delta.mul_(w)
+            deltas.append(delta.mul_(w).reshape(-1))
+        # Elementwise from here on: done in chunks, summed with a wider accumulator as torch's sum over a stacked
+        # dimension does, and written into the base's buffer (memory: one tensor per model plus a chunk).
+        out = b.reshape(-1)
         wide = torch.float64 if b.dtype == torch.float64 else torch.float32
-        if consensus:
-            total = torch.zeros(b.shape, dtype=wide)
-            for delta in deltas:
-                total += delta
-            majority = total >= 0
-            del total
-            mixed = torch.zeros(b.shape, dtype=wide)
-            divisor = torch.zeros(b.shape, dtype=wide)
-            for delta, w in zip(deltas, weights, strict=True):
-                agree = torch.where(majority, delta > 0, delta < 0)
-                mixed += delta * agree
-                divisor += w.to(wide) * agree
-            mixed, divisor = mixed.to(b.dtype), divisor.to(b.dtype)
-            divisor[divisor == 0] = 1
-        else:
-            mixed = torch.zeros(b.shape, dtype=wide)
-            for delta in deltas:
-                mixed += delta
-            mixed = mixed.to(b.dtype)
-            divisor = sum(w for w in weights)
-            if float(torch.abs(divisor)) < 1e-8:
-                divisor = torch.ones_like(divisor)
-        if shared["normalize"]:
-            mixed = mixed / divisor
-        if float(shared["lambda"]) != 1:
-            mixed = mixed * float(shared["lambda"])
-        return (b + mixed).to(b.dtype)
+        for start in range(0, out.numel(), CHUNK):
+            part = [d[start:start + CHUNK] for d in deltas]
+            mixed = torch.zeros(part[0].shape, dtype=wide)
+            if consensus:
+                for d in part:
+                    mixed += d
+                majority = mixed >= 0
+                mixed.zero_()
+                divisor = torch.zeros(part[0].shape, dtype=wide)
+                for d, w in zip(part, weights, strict=True):
+                    agree = torch.where(majority, d > 0, d < 0)
+                    mixed += d * agree
+                    divisor += w.to(wide) * agree
+                mixed_d, divisor_d = mixed.to(b.dtype), divisor.to(b.dtype)
+                divisor_d[divisor_d == 0] = 1
+            else:
+                for d in part:
+                    mixed += d
+                mixed_d = mixed.to(b.dtype)
+                divisor_d = sum(w for w in weights)
+                if float(torch.abs(divisor_d)) < 1e-8:
+                    divisor_d = torch.ones_like(divisor_d)
+            if shared["normalize"]:
+                mixed_d = mixed_d / divisor_d
+            if float(shared["lambda"]) != 1:
+                mixed_d = mixed_d * float(shared["lambda"])
+            out[start:start + CHUNK] += mixed_d
+        return b
 
     merge.__name__ = name
     merge_method(name, per_model={"weight": REQUIRED, "density": 1.0, **extra},
