@@ -6,6 +6,10 @@ steps.merge itself. Parameter values follow mergekit: a scalar, a gradient list 
 a slice, or a list of ``{filter: <substring of the tensor name>, value: ...}`` entries (first match wins); the
 precedence is slice source > slice > merge block.
 
+A method function is called as ``fn(xs, base, per_model, shared, gen)``: the inputs (already in the merge
+dtype, freshly read, so the method may overwrite them), the base's index or None, the per-input and shared
+parameter values for this tensor, and one seeded torch.Generator per input for the random methods.
+
 Modules import torch inside their functions, so listing the methods (recipe validation, ``doit list``) stays cheap.
 """
 from __future__ import annotations

@@ -41,17 +41,50 @@ def _rescaled(x: Any, mask: Any, rescale: bool) -> Any:
     return masked * (before / after)
 
 
-def top_k_mask(values: Any, k: int) -> Any:
-    """A boolean mask of the k largest values (ties at the threshold: the first in index order).
+def _histogram(codes: Any, bins: int) -> Any:
+    import torch
+    counts = torch.zeros(bins, dtype=torch.int64)
+    for start in range(0, codes.numel(), CHUNK):
+        counts += torch.bincount(codes[start:start + CHUNK].to(torch.int64), minlength=bins)
+    return counts
 
-    A selection (kthvalue) rather than mergekit's full argsort: O(n) time and no int64 index array, the same set
-    whenever the k-th value is not tied.
+
+def _bin_from_top(counts: Any, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest element, and how many elements lie in higher bins."""
+    import torch
+    from_top = torch.cumsum(counts.flip(0), 0)
+    position = int(torch.searchsorted(from_top, torch.tensor(k)))
+    return counts.numel() - 1 - position, (int(from_top[position - 1]) if position else 0)
+
+
+def kth_largest(values: Any, k: int) -> Any:
+    """The k-th largest of non-negative floats, by radix selection on their bit patterns (which order as the
+    values do): a few histogram passes in chunks, no sort, no index array, memory independent of the size."""
+    import torch
+    if values.dtype in (torch.bfloat16, torch.float16):
+        codes = values.view(torch.int16)
+        bucket, _ = _bin_from_top(_histogram(codes, 1 << 15), k)
+        return torch.tensor(bucket, dtype=torch.int16).view(values.dtype)
+    if values.dtype == torch.float32:
+        codes = values.view(torch.int32)
+        high, above = _bin_from_top(_histogram(codes >> 16, 1 << 15), k)
+        low_codes = (codes[(codes >> 16) == high] & 0xFFFF)
+        low, _ = _bin_from_top(_histogram(low_codes, 1 << 16), k - above)
+        return torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32)
+    return torch.kthvalue(values, values.numel() - k + 1).values
+
+
+def top_k_mask(values: Any, k: int) -> Any:
+    """A boolean mask of the k largest non-negative values (ties at the threshold: the first in index order).
+
+    A selection rather than mergekit's full argsort: O(n) time and no int64 index array; the same set whenever
+    the k-th value is not tied.
     """
     import torch
     n = values.numel()
     if k >= n:
         return torch.ones(n, dtype=torch.bool)
-    threshold = torch.kthvalue(values, n - k + 1).values
+    threshold = kth_largest(values, k)
     mask = values > threshold
     missing = k - int(mask.sum())
     if missing > 0:
