@@ -188,7 +188,7 @@ def _copy_tensor(merge: dict[str, Any], model: Model, name: str, out_name: str, 
     if info.dtype == out_dtype == dtype and scale is None:
         return OutTensor(out_name, out_dtype, info.shape, lambda: model.reader.raw(name))
 
-    def convert() -> bytes:
+    def convert() -> Any:
         t = model.reader.tensor(name).to(_torch_dtype(dtype))
         if scale is not None:
             t = t * scale
@@ -202,9 +202,10 @@ def _torch_dtype(code: str) -> Any:
     return getattr(torch, {v: k for k, v in TORCH_DTYPES.items()}[code])
 
 
-def _to_bytes(t: Any, out_dtype: str) -> bytes:
+def _to_bytes(t: Any, out_dtype: str) -> Any:
+    """The tensor's bytes as a buffer (a uint8 view: no copy)."""
     import torch
-    return bytes(t.to(_torch_dtype(out_dtype)).contiguous().reshape(-1).view(torch.uint8).numpy())
+    return t.to(_torch_dtype(out_dtype)).contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _is_pre(name: str) -> bool:
@@ -290,7 +291,7 @@ def _merged_tensor(merge: dict[str, Any], method: Method, sl: Slice, inputs: lis
 
     device = merge_device()
 
-    def compute() -> bytes:
+    def compute() -> Any:
         import torch
         xs = [models[src.model].reader.tensor(name).to(device=device, dtype=_torch_dtype(dtype))
               for src, name in present]

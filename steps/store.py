@@ -156,8 +156,10 @@ def _build(stage: Stage, key: str, material: dict[str, Any], inputs: dict[str, d
 
 
 def _force_remove(func: Any, path: str, _exc: Any) -> None:
+    """rmtree's retry for a read-only directory entry."""
     os.chmod(os.path.dirname(path), 0o755)
-    os.chmod(path, 0o755) if os.path.isdir(path) else None
+    if os.path.isdir(path):
+        os.chmod(path, 0o755)
     func(path)
 
 

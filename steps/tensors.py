@@ -82,7 +82,7 @@ class ModelReader:
             handle = self._handles.get(info.file)
             if handle is None:
                 handle = self._handles[info.file] = open(info.file, "rb")
-            view = memoryview(buffer.numpy())
+            view = memoryview(buffer.numpy())  # type: ignore[arg-type]
             done = 0
             while done < info.nbytes:
                 n = os.preadv(handle.fileno(), [view[done:]], info.start + done)
@@ -102,7 +102,7 @@ class OutTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    produce: Callable[[], bytes]      # returns exactly nbytes bytes
+    produce: Callable[[], Any]        # returns exactly nbytes bytes (bytes or any contiguous uint8 buffer)
 
     @property
     def nbytes(self) -> int:

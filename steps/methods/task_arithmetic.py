@@ -41,11 +41,27 @@ def _rescaled(x: Any, mask: Any, rescale: bool) -> Any:
     return masked * (before / after)
 
 
-def _histogram(codes: Any, bins: int) -> Any:
+_INT_VIEW = {"bfloat16": ("int16", 0x7FFF, 15), "float16": ("int16", 0x7FFF, 15), "float32": ("int32", 0x7FFFFFFF, 31)}
+
+
+def _magnitude_codes(x: Any) -> tuple[Any, int] | None:
+    """x's bit patterns as integers and the mask that clears the sign: for floats, |x| orders as these codes."""
+    import torch
+    spec = _INT_VIEW.get(str(x.dtype).removeprefix("torch."))
+    if spec is None:
+        return None
+    return x.reshape(-1).view(getattr(torch, spec[0])), spec[1]
+
+
+def _histogram(codes: Any, sign_mask: int, shift: int, bins: int, select: int | None = None) -> Any:
+    """Counts of ((|code| >> shift) & (bins - 1)), over the codes whose top part equals `select` when given."""
     import torch
     counts = torch.zeros(bins, dtype=torch.int64)
     for start in range(0, codes.numel(), CHUNK):
-        counts += torch.bincount(codes[start:start + CHUNK].to(torch.int64), minlength=bins)
+        part = codes[start:start + CHUNK] & sign_mask
+        if select is not None:
+            part = part[(part >> 16) == select]
+        counts += torch.bincount(((part >> shift) & (bins - 1)).to(torch.int64), minlength=bins)
     return counts
 
 
@@ -57,38 +73,50 @@ def _bin_from_top(counts: Any, k: int) -> tuple[int, int]:
     return counts.numel() - 1 - position, (int(from_top[position - 1]) if position else 0)
 
 
-def kth_largest(values: Any, k: int) -> Any:
-    """The k-th largest of non-negative floats, by radix selection on their bit patterns (which order as the
-    values do): a few histogram passes in chunks, no sort, no index array, memory independent of the size."""
+def kth_largest_code(codes: Any, sign_mask: int, k: int) -> int:
+    """The bit pattern of the k-th largest magnitude, by radix selection: a few chunked histogram passes, no sort,
+    no index array, no copy of the tensor."""
+    if sign_mask == 0x7FFF:
+        return _bin_from_top(_histogram(codes, sign_mask, 0, 1 << 15), k)[0]
+    high, above = _bin_from_top(_histogram(codes, sign_mask, 16, 1 << 15), k)
+    low, _ = _bin_from_top(_histogram(codes, sign_mask, 0, 1 << 16, select=high), k - above)
+    return (high << 16) | low
+
+
+def top_k_mask(x: Any, k: int) -> Any:
+    """A boolean mask (flat) of the k entries of largest magnitude (ties at the threshold: the first in index
+    order). A selection rather than mergekit's full argsort: O(n) time, no int64 index array, the same set whenever
+    the k-th magnitude is not tied."""
     import torch
-    if values.dtype in (torch.bfloat16, torch.float16):
-        codes = values.view(torch.int16)
-        bucket, _ = _bin_from_top(_histogram(codes, 1 << 15), k)
-        return torch.tensor(bucket, dtype=torch.int16).view(values.dtype)
-    if values.dtype == torch.float32:
-        codes = values.view(torch.int32)
-        high, above = _bin_from_top(_histogram(codes >> 16, 1 << 15), k)
-        low_codes = (codes[(codes >> 16) == high] & 0xFFFF)
-        low, _ = _bin_from_top(_histogram(low_codes, 1 << 16), k - above)
-        return torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32)
-    return torch.kthvalue(values, values.numel() - k + 1).values
-
-
-def top_k_mask(values: Any, k: int) -> Any:
-    """A boolean mask of the k largest non-negative values (ties at the threshold: the first in index order).
-
-    A selection rather than mergekit's full argsort: O(n) time and no int64 index array; the same set whenever
-    the k-th value is not tied.
-    """
-    import torch
-    n = values.numel()
+    n = x.numel()
     if k >= n:
         return torch.ones(n, dtype=torch.bool)
-    threshold = kth_largest(values, k)
-    mask = values > threshold
+    found = _magnitude_codes(x)
+    if found is None:                                   # float64: a plain selection
+        values = torch.abs(x).reshape(-1)
+        threshold = torch.kthvalue(values, n - k + 1).values
+        mask = values > threshold
+        tied = torch.nonzero(values == threshold).flatten()
+    else:
+        codes, sign_mask = found
+        threshold_code = kth_largest_code(codes, sign_mask, k)
+        mask = torch.empty(n, dtype=torch.bool)
+        for start in range(0, n, CHUNK):
+            mask[start:start + CHUNK] = (codes[start:start + CHUNK] & sign_mask) > threshold_code
+        tied = None
     missing = k - int(mask.sum())
     if missing > 0:
-        mask[torch.nonzero(values == threshold).flatten()[:missing]] = True
+        if tied is None:
+            assert found is not None
+            codes, sign_mask = found
+            picks = []
+            for start in range(0, n, CHUNK):
+                hit = torch.nonzero((codes[start:start + CHUNK] & sign_mask) == threshold_code).flatten() + start
+                picks.append(hit[:missing - sum(len(p) for p in picks)])
+                if sum(len(p) for p in picks) >= missing:
+                    break
+            tied = torch.cat(picks)
+        mask[tied[:missing]] = True
     return mask
 
 
@@ -100,9 +128,9 @@ def magnitude(x: Any, density: float, rescale: bool) -> Any:
     if density <= 0 or x.numel() == 0:
         return torch.zeros_like(x)
     k = max(1, int(density * x.numel()))
-    # selected in the tensor's own dtype: every float dtype converts to float32 exactly and in order, so the set
-    # is the one mergekit's float32 argsort ranks first, at half the memory for bf16
-    mask = top_k_mask(torch.abs(x).flatten(), k)
+    # ranked on the tensor's own values: every float dtype converts to float32 exactly and in order, so the set is
+    # the one mergekit's float32 argsort ranks first
+    mask = top_k_mask(x, k)
     return _rescaled(x, mask.reshape(x.shape), rescale)
 
 
@@ -205,7 +233,7 @@ def _make(name: str) -> None:
                 for d in part:
                     mixed += d
                 mixed_d = mixed.to(b.dtype)
-                divisor_d = sum(w for w in weights)
+                divisor_d = torch.stack(weights).sum()
                 if float(torch.abs(divisor_d)) < 1e-8:
                     divisor_d = torch.ones_like(divisor_d)
             if shared["normalize"]:
