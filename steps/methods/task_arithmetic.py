@@ -33,6 +33,8 @@ def _rescaled(x: Any, mask: Any, rescale: bool) -> Any:
     (mergekit's rescale rule, not 1/density)."""
     import torch
     if not rescale:
+        if mask.dtype == torch.bool:               # the mask is the caller's own: invert it in place
+            return x.masked_fill_(mask.logical_not_(), 0)
         return x.mul_(mask)
     masked = x * mask
     before, after = float(torch.sum(torch.abs(x))), float(torch.sum(torch.abs(masked)))
@@ -104,16 +106,18 @@ def top_k_mask(x: Any, k: int) -> Any:
         for start in range(0, n, CHUNK):
             mask[start:start + CHUNK] = (codes[start:start + CHUNK] & sign_mask) > threshold_code
         tied = None
-    missing = k - int(mask.sum())
+    missing = k - int(torch.count_nonzero(mask))
     if missing > 0:
         if tied is None:
             assert found is not None
             codes, sign_mask = found
-            picks = []
+            picks: list[Any] = []
+            need = missing
             for start in range(0, n, CHUNK):
                 hit = torch.nonzero((codes[start:start + CHUNK] & sign_mask) == threshold_code).flatten() + start
-                picks.append(hit[:missing - sum(len(p) for p in picks)])
-                if sum(len(p) for p in picks) >= missing:
+                picks.append(hit[:need])
+                need -= int(picks[-1].numel())
+                if need == 0:
                     break
             tied = torch.cat(picks)
         mask[tied[:missing]] = True
