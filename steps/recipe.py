@@ -124,13 +124,15 @@ def load(file: str | Path) -> Recipe:
         outtype = str(gguf["outtype"])
         raise check.fail("gguf.outtype", f"unknown type {outtype!r}{did_you_mean(outtype, GGUF_OUTTYPES)}; "
                          f"one of {', '.join(GGUF_OUTTYPES)}")
-    imatrix, calibration = _imatrix(check, raw.get("imatrix"), base)
+    imatrix, calibration = _text_block(check, raw.get("imatrix"), "imatrix", IMATRIX_KEYS, "calibration",
+                                       "a calibration text file", {"chunks": 32, "context": 512}, base)
     quantize = _quantize(check, raw.get("quantize", []))
     for i, qtype in enumerate(quantize):
         if qtype in NEEDS_IMATRIX and imatrix is None:
             raise check.fail(f"quantize[{i}]", f"{qtype} needs an importance matrix; add an imatrix: block with a "
                              "calibration text, or pick a type such as Q4_K_M")
-    bench, heldout = _bench(check, raw.get("bench"), base, quantize)
+    bench, heldout = _text_block(check, raw.get("bench"), "bench", BENCH_KEYS, "heldout",
+                                 "a held-out text file for perplexity", {"context": 512, "chunks": 8}, base)
     return Recipe(name, file, sources, merge, gguf, imatrix, quantize, bench, calibration, heldout, raw)
 
 
@@ -301,17 +303,18 @@ def source_layer_count(model_dir: Path) -> int | None:
     return None
 
 
-def _imatrix(check: _Checker, value: Any, base: Path) -> tuple[dict[str, Any] | None, Path | None]:
+def _text_block(check: _Checker, value: Any, section: str, keys: tuple[str, ...], file_key: str, what: str,
+                defaults: dict[str, int], base: Path) -> tuple[dict[str, Any] | None, Path | None]:
+    """A block that names a text file and how many chunks of how many tokens to read from it."""
     if value is None:
         return None, None
-    spec = dict(check.mapping(value, "imatrix", IMATRIX_KEYS))
-    if "calibration" not in spec:
-        raise check.fail("imatrix.calibration", "missing; name a calibration text file, relative to the recipe")
-    path = check.existing_file(spec["calibration"], "imatrix.calibration", base)
-    spec.setdefault("chunks", 32)
-    spec.setdefault("context", 512)
-    check.positive_int(spec["chunks"], "imatrix.chunks")
-    check.positive_int(spec["context"], "imatrix.context")
+    spec = dict(check.mapping(value, section, keys))
+    if file_key not in spec:
+        raise check.fail(f"{section}.{file_key}", f"missing; name {what}, relative to the recipe")
+    path = check.existing_file(spec[file_key], f"{section}.{file_key}", base)
+    for key, default in defaults.items():
+        spec.setdefault(key, default)
+        check.positive_int(spec[key], f"{section}.{key}")
     return spec, path
 
 
@@ -327,21 +330,6 @@ def _quantize(check: _Checker, value: Any) -> tuple[str, ...]:
             raise check.fail(f"quantize[{i}]", f"{qtype} is listed twice")
         seen.append(qtype.upper())
     return tuple(seen)
-
-
-def _bench(check: _Checker, value: Any, base: Path, quantize: tuple[str, ...]
-           ) -> tuple[dict[str, Any] | None, Path | None]:
-    if value is None:
-        return None, None
-    spec = dict(check.mapping(value, "bench", BENCH_KEYS))
-    if "heldout" not in spec:
-        raise check.fail("bench.heldout", "missing; name a held-out text file for perplexity, relative to the recipe")
-    path = check.existing_file(spec["heldout"], "bench.heldout", base)
-    spec.setdefault("context", 512)
-    spec.setdefault("chunks", 8)
-    check.positive_int(spec["context"], "bench.context")
-    check.positive_int(spec["chunks"], "bench.chunks")
-    return spec, path
 
 
 def discover(directory: Path) -> list[Recipe]:
