@@ -21,6 +21,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,30 +205,33 @@ def gpu_args() -> list[str]:
 
 
 def run(argv: list[str], *, what: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-        stream: bool = False, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
-    """Run one external program (list argv, never a shell); on failure raise StepFailed with the stderr tail.
+        stream: bool | None = None) -> str:
+    """Run one external program (list argv, never a shell) and return the last lines of its output; on failure
+    raise StepFailed with the command and that tail.
 
-    ``stream`` shows the program's output live (long builds); otherwise it is captured and logged at debug.
+    The output is shown live when ``stream`` is true, by default when stderr is a terminal (a long imatrix or
+    build shows its progress; logs and CI stay quiet).
     """
+    show = sys.stderr.isatty() if stream is None else stream
     logger.info("%s: %s", what, " ".join(argv))
     try:
-        if stream:
-            proc = subprocess.run(argv, env=env, cwd=cwd, text=True, timeout=timeout,
-                                  stdout=sys.stderr, stderr=subprocess.STDOUT)
-            tail = ""
-        else:
-            proc = subprocess.run(argv, env=env, cwd=cwd, text=True, errors="replace", timeout=timeout,
-                                  capture_output=True)
-            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
-            logger.debug("%s output:\n%s", what, tail)
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace")
     except FileNotFoundError as exc:
         raise ToolNotFound(f"{what}: {argv[0]} not found; run `doit toolchain` or set MERGEFORGE_LLAMA_CPP") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise StepFailed(f"{what}: timed out after {timeout} s: {' '.join(argv)}") from exc
+    tail: deque[str] = deque(maxlen=40)
+    with proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if show:
+                sys.stderr.write(line)
+            tail.append(line)
+    text = "".join(tail)
     if proc.returncode != 0:
         raise StepFailed(f"{what} failed (exit {proc.returncode})\n  command: {' '.join(argv)}\n"
-                         f"  output (last lines):\n{tail}\n  see the output above; rerun with -v for details")
-    return proc
+                         f"  output (last lines):\n{text}\n  nothing was written to build/; fix the cause above "
+                         "and run doit again (finished stages restore from the store)")
+    return text
 
 
 if __name__ == "__main__":
