@@ -367,7 +367,12 @@ def build(ctx: Context) -> None:
     base_name = merge.get("base_model")
     if base_name is not None and base_name not in names:
         names.append(base_name)
-    models = {n: Model.open(n, source_dir(stage, n)) for n in names}
+    models = {}
+    for n in names:
+        try:
+            models[n] = Model.open(n, source_dir(stage, n))
+        except (ValueError, FileNotFoundError) as exc:
+            raise RecipeError(recipe_file, f"sources.{n}", f"cannot merge model '{n}': {exc}") from None
     base = models[base_name or names[0]]
     method_name = merge["merge_method"]
     try:

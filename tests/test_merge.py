@@ -249,3 +249,22 @@ def test_peak_rss_is_bounded_by_tensors_not_models(method: str, bound_mib: int, 
     out_mib = sum(p.stat().st_size for p in (tmp_path / "build" / "big" / "merged").glob("*.safetensors")) / 2**20
     assert out_mib > 350
     assert peak_mib < bound_mib, f"{method}: peak RSS {peak_mib:.0f} MiB for {size_mib:.0f} MiB inputs"
+
+
+def test_pickled_weights_are_refused(stores: Path, tiny_llama: Path) -> None:
+    import shutil
+
+    from steps.errors import RecipeError
+    pickled = stores / "pickled"
+    shutil.copytree(tiny_llama, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    with pytest.raises(RecipeError, match=r"sources\.a: cannot merge model 'a': .*no \*\.safetensors files "
+                                          r"\(pickled \.bin weights are not loaded\)"):
+        run_merge(stores, f"""
+sources:
+  a: {{path: {pickled}}}
+merge:
+  merge_method: passthrough
+  slices:
+    - sources: [{{model: a, layer_range: [0, 4]}}]
+""")
