@@ -110,6 +110,23 @@ def generate(program: str, model: Path, prompt: str, n: int = 16, extra: tuple[s
     raise AssertionError(f"llama-completion printed nothing in 10 runs on {model}")
 
 
+def llama_cpp_with_quantize(dest: Path, llama_cpp, body: str) -> Path:  # type: ignore[no-untyped-def]
+    """A llama.cpp directory for MERGEFORGE_LLAMA_CPP: the real programs and converter, but llama-quantize
+    replaced by a shell script (`body`; $REAL is the real program). `--version` still answers as the real one."""
+    (dest / "bin").mkdir(parents=True)
+    for item in llama_cpp.py_dir.iterdir():
+        (dest / item.name).symlink_to(item)
+    real = Path(llama_cpp.program("llama-quantize")).parent
+    for prog in real.iterdir():
+        if prog.name != "llama-quantize":
+            (dest / "bin" / prog.name).symlink_to(prog)
+    script = dest / "bin" / "llama-quantize"
+    script.write_text(f'#!/bin/sh\nREAL={real}/llama-quantize\n'
+                      f'case "$1" in --version) exec "$REAL" "$@";; esac\n{body}\n')
+    script.chmod(0o755)
+    return dest
+
+
 @dataclass
 class DoitResult:
     returncode: int

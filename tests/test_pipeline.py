@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, ROOT, Workspace, generate
+from conftest import DATA, ROOT, Workspace, generate, llama_cpp_with_quantize
 
 pytestmark = pytest.mark.slow
 
@@ -155,18 +155,7 @@ def test_kill_during_quantize_resumes_without_redoing(workspace: Workspace, tiny
                                                        llama_cpp) -> None:  # type: ignore[no-untyped-def]
     workspace.write_recipe("tiny", tiny_recipe(tiny_llama))
     # A llama.cpp directory (MERGEFORGE_LLAMA_CPP) whose llama-quantize is slow, so the kill lands inside it.
-    wrapper = workspace.path / "slow-llama.cpp"
-    (wrapper / "bin").mkdir(parents=True)
-    for item in llama_cpp.py_dir.iterdir():
-        (wrapper / item.name).symlink_to(item)
-    real = Path(llama_cpp.program("llama-quantize")).parent
-    for prog in real.iterdir():
-        (wrapper / "bin" / prog.name).symlink_to(prog)
-    (wrapper / "bin" / "llama-quantize").unlink()
-    (wrapper / "bin" / "llama-quantize").write_text(
-        f'#!/bin/sh\ncase "$1" in --version) exec {real}/llama-quantize "$@";; esac\n'
-        f'{real}/llama-quantize "$@" && sleep 60\n')
-    (wrapper / "bin" / "llama-quantize").chmod(0o755)
+    wrapper = llama_cpp_with_quantize(workspace.path / "slow-llama.cpp", llama_cpp, '"$REAL" "$@" && sleep 60')
     env = workspace.env()
     env["MERGEFORGE_LLAMA_CPP"] = str(wrapper)
     os.environ["MERGEFORGE_LLAMA_CPP"] = str(wrapper)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, Workspace
+from conftest import DATA, Workspace, llama_cpp_with_quantize
 from steps import toolchain
 from steps.errors import StepFailed, ToolNotFound
 
@@ -36,19 +36,9 @@ def test_failing_quantize_leaves_nothing_in_build(workspace: Workspace, tiny_lla
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A llama-quantize that writes half a file and fails: the build stops with its error, build/ has no quant,
     the store has no entry for it and its temporary directory is gone."""
-    broken = workspace.path / "broken-llama.cpp"
-    (broken / "bin").mkdir(parents=True)
-    for item in llama_cpp.py_dir.iterdir():
-        (broken / item.name).symlink_to(item)
-    real = Path(llama_cpp.program("llama-quantize")).parent
-    for prog in real.iterdir():
-        (broken / "bin" / prog.name).symlink_to(prog)
-    (broken / "bin" / "llama-quantize").unlink()
-    (broken / "bin" / "llama-quantize").write_text(
-        f'#!/bin/sh\ncase "$1" in --version) exec {real}/llama-quantize "$@";; esac\n'
-        'for last; do :; done\nfor a; do case "$a" in *.gguf) out="$a";; esac; done\n'
-        'head -c 1000 /dev/zero > "$out"; echo "simulated crash" >&2; exit 1\n')
-    (broken / "bin" / "llama-quantize").chmod(0o755)
+    broken = llama_cpp_with_quantize(workspace.path / "broken-llama.cpp", llama_cpp,
+                                     'for a; do case "$a" in *.gguf) out="$a";; esac; done\n'
+                                     'head -c 1000 /dev/zero > "$out"; echo "simulated crash" >&2; exit 1')
     workspace.write_recipe("tiny", f"""
 sources:
   a: {{path: {tiny_llama}}}
