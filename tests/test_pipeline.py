@@ -151,14 +151,15 @@ def test_lock_file_and_reproducible_digests(built: Workspace, tiny_llama: Path, 
     assert lock2["stages"] == lock["stages"]
 
 
-def test_kill_during_quantize_resumes_without_redoing(workspace: Workspace, tiny_llama: Path,
-                                                       llama_cpp) -> None:  # type: ignore[no-untyped-def]
+def test_kill_during_quantize_resumes_without_redoing(workspace: Workspace, tiny_llama: Path, llama_cpp,  # type: ignore[no-untyped-def]
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     workspace.write_recipe("tiny", tiny_recipe(tiny_llama))
-    # A llama.cpp directory (MERGEFORGE_LLAMA_CPP) whose llama-quantize is slow, so the kill lands inside it.
-    wrapper = llama_cpp_with_quantize(workspace.path / "slow-llama.cpp", llama_cpp, '"$REAL" "$@" && sleep 60')
+    # A llama.cpp directory (MERGEFORGE_LLAMA_CPP) whose llama-quantize is slow, so the kill lands inside it;
+    # the resumed run uses one without the delay (same tool version, so the same stage keys).
+    slow = llama_cpp_with_quantize(workspace.path / "slow-llama.cpp", llama_cpp, '"$REAL" "$@" && sleep 60')
+    fast = llama_cpp_with_quantize(workspace.path / "llama.cpp", llama_cpp, 'exec "$REAL" "$@"')
+    monkeypatch.setenv("MERGEFORGE_LLAMA_CPP", str(slow))
     env = workspace.env()
-    env["MERGEFORGE_LLAMA_CPP"] = str(wrapper)
-    os.environ["MERGEFORGE_LLAMA_CPP"] = str(wrapper)
     proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py")], cwd=workspace.path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
@@ -180,10 +181,8 @@ def test_kill_during_quantize_resumes_without_redoing(workspace: Workspace, tiny
         assert _hash_file(gguf) == lock_digest, f"{gguf} in build/ is not a complete artifact"
     finished = built_events(workspace)
     assert finished[:4] == ["fetch:tiny", "merge:tiny", "convert:tiny", "imatrix:tiny"]
-    try:
-        resumed = workspace.doit()
-    finally:
-        del os.environ["MERGEFORGE_LLAMA_CPP"]
+    monkeypatch.setenv("MERGEFORGE_LLAMA_CPP", str(fast))
+    resumed = workspace.doit()
     rebuilt = built_events(workspace)[len(finished):]
     assert not set(rebuilt) & set(finished), f"finished stages were rebuilt: {rebuilt}"
     assert "quantize:tiny-Q4_K_M" in rebuilt and "bench:tiny" in rebuilt
