@@ -25,10 +25,6 @@ def digest_value(value: Any) -> str:
     return blake3.blake3(text.encode()).hexdigest()
 
 
-def digest_bytes(data: bytes) -> str:
-    return blake3.blake3(data).hexdigest()
-
-
 def _hash_file(path: Path) -> str:
     h = blake3.blake3(max_threads=blake3.blake3.AUTO)
     with open(path, "rb", buffering=0) as f:

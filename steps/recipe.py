@@ -10,7 +10,7 @@ import difflib
 import json
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ class Recipe:
     bench: dict[str, Any] | None
     calibration: Path | None = None
     heldout: Path | None = None
-    raw: dict[str, Any] = field(default_factory=dict)
 
 
 def did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
@@ -133,7 +132,7 @@ def load(file: str | Path) -> Recipe:
                              "calibration text, or pick a type such as Q4_K_M")
     bench, heldout = _text_block(check, raw.get("bench"), "bench", BENCH_KEYS, "heldout",
                                  "a held-out text file for perplexity", {"context": 512, "chunks": 8}, base)
-    return Recipe(name, file, sources, merge, gguf, imatrix, quantize, bench, calibration, heldout, raw)
+    return Recipe(name, file, sources, merge, gguf, imatrix, quantize, bench, calibration, heldout)
 
 
 def _sources(check: _Checker, value: Any, base: Path) -> dict[str, Source]:

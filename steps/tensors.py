@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,12 +156,3 @@ def write_model(directory: Path, tensors: list[OutTensor], shard_bytes: int,
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
     return names
-
-
-def iter_layers(names: list[str], prefix: str) -> Iterator[tuple[int, str]]:
-    plen = len(prefix) + 1
-    for name in names:
-        if name.startswith(prefix + "."):
-            idx, _, rest = name[plen:].partition(".")
-            if idx.isdigit():
-                yield int(idx), rest
