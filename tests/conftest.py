@@ -184,3 +184,51 @@ class Workspace:
 @pytest.fixture
 def workspace(tmp_path: Path) -> Workspace:
     return Workspace(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+def _listing(root: Path, skip: tuple[str, ...] = ()) -> dict[str, int]:
+    out: dict[str, int] = {}
+    if not root.exists():
+        return out
+    for p in root.rglob("*"):
+        rel = p.relative_to(root).as_posix()
+        if rel.split("/", 1)[0] in skip:
+            continue
+        out[rel] = p.lstat().st_size if not p.is_dir() else -1
+    return out
+
+
+def assert_nothing_half_written(ws: Workspace) -> None:
+    """No temporary file in build/, no stage left in the store's tmp/, no store entry without its manifest."""
+    leftovers = [p for p in ws.build.rglob("*") if ".tmp" in p.name] if ws.build.exists() else []
+    assert not leftovers, f"temporary files left in build/: {leftovers}"
+    tmp = ws.store / "tmp"
+    assert not tmp.exists() or not any(tmp.iterdir()), f"stages left in {tmp}: {list(tmp.iterdir())}"
+    for entry in (ws.store / "store").glob("*/*") if (ws.store / "store").exists() else ():
+        assert (entry / "manifest.json").exists(), f"incomplete store entry {entry}"
+
+
+def assert_refused(ws: Workspace, *needles: str, args: tuple[str, ...] = (), max_seconds: float = 2.0,
+                   env: dict[str, str] | None = None) -> str:
+    """Run doit in the workspace and check a refusal as the README promises it: non-zero exit, no traceback, one
+    distinct `mergeforge:` line holding every needle (file, key, fix), in time, nothing written outside build/ and
+    the store, nothing half-written. Returns the line."""
+    import time
+    outside = _listing(ws.path, skip=("build", "cache"))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *args], cwd=ws.path,
+                          env={**ws.env(), **(env or {})}, capture_output=True, text=True, timeout=600)
+    seconds = time.monotonic() - started
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, f"accepted (exit 0):\n{out[-3000:]}"
+    assert "Traceback" not in out, out[-6000:]
+    lines = list(dict.fromkeys(line for line in out.splitlines() if line.startswith("mergeforge: ")))
+    assert len(lines) == 1, f"expected one mergeforge: line, got {lines}:\n{out[-3000:]}"
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    assert seconds < max_seconds, f"refused after {seconds:.1f} s (limit {max_seconds} s): {lines[0]}"
+    assert _listing(ws.path, skip=("build", "cache")) == outside, "something was written outside build/ and the store"
+    assert_nothing_half_written(ws)
+    return lines[0]
