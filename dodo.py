@@ -23,11 +23,13 @@ from steps.plan import Stage, plan, root
 from steps.recipe import Recipe, discover
 from steps.store import execute, fetch_is_current
 
+DEP_FILE = Path(os.environ.get("MERGEFORGE_BUILD", root() / "build")) / ".doit.json"
 DOIT_CONFIG = {
     "backend": "json",
-    "dep_file": str(Path(os.environ.get("MERGEFORGE_BUILD", root() / "build")) / ".doit.json"),
-    "default_tasks": ["fetch", "merge", "convert", "imatrix", "quantize", "bench"],
+    "dep_file": str(DEP_FILE),
+    "default_tasks": ["recipes", "fetch", "merge", "convert", "imatrix", "quantize", "bench"],
     "verbosity": 2,
+    "continue": True,             # a failing recipe (or quant) does not stop the others
 }
 STAGE_DOCS = {
     "fetch": "pin each recipe's sources (local models by digest; packaged GGUFs imported to safetensors)",
@@ -40,17 +42,22 @@ STAGE_DOCS = {
 LLAMA_CPP_KINDS = ("convert", "imatrix", "quantize", "bench")
 
 
-def _recipes() -> list[Recipe]:
+def _recipes() -> tuple[list[Recipe], dict[Path, MergeforgeError]]:
     directory = Path(os.environ.get("MERGEFORGE_RECIPES", root() / "recipes"))
     try:
+        DEP_FILE.parent.mkdir(parents=True, exist_ok=True)   # doit's state directory, before any task can fail
         return discover(directory)
     except MergeforgeError as exc:
         print(user_message(exc), file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as exc:
+        print(f"mergeforge: {exc.filename}: {exc.strerror}; check the path and its permissions "
+              "(MERGEFORGE_BUILD, MERGEFORGE_RECIPES)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-RECIPES = _recipes()
+RECIPES, BROKEN = _recipes()
 STAGES: list[Stage] = [stage for recipe in RECIPES for stage in plan(recipe)]
 
 
@@ -59,6 +66,10 @@ def _run(stage: Stage) -> TaskFailed | None:
         execute(stage)
     except MergeforgeError as exc:
         return TaskFailed(user_message(exc))
+    except OSError as exc:                      # a full disk, a permission: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        return TaskFailed(f"mergeforge: {stage.id}: {where}{exc.strerror or exc}; fix the cause and run doit "
+                          "again (finished stages restore from the store)")
     return None
 
 
@@ -79,10 +90,22 @@ def _task(stage: Stage) -> dict[str, object]:
 
 
 def _stage_tasks(kind: str):  # type: ignore[no-untyped-def]
-    yield {"basename": kind, "name": None, "doc": STAGE_DOCS[kind]}
+    # a recipe that does not load fails `doit <stage>` too (once, as recipes:<file>), without stopping the others
+    yield {"basename": kind, "name": None, "doc": STAGE_DOCS[kind], "task_dep": ["recipes"]}
     for stage in STAGES:
         if stage.kind == kind:
             yield _task(stage)
+
+
+def _refuse(error: MergeforgeError) -> TaskFailed:
+    return TaskFailed(user_message(error))
+
+
+def task_recipes():  # type: ignore[no-untyped-def]
+    """recipes that do not load: each fails here with one line; the other recipes still build"""
+    yield {"basename": "recipes", "name": None, "doc": "recipe files that do not load (one failing task each)"}
+    for path, error in BROKEN.items():
+        yield {"name": path.name, "actions": [(_refuse, [error])], "uptodate": [False], "verbosity": 0}
 
 
 def task_toolchain():  # type: ignore[no-untyped-def]

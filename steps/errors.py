@@ -26,3 +26,7 @@ def user_message(exc: BaseException) -> str:
     if isinstance(exc, MergeforgeError):
         return f"mergeforge: {exc}"
     return f"mergeforge: unexpected {type(exc).__name__}: {exc}"
+
+
+class UnsafePath(MergeforgeError):
+    """A model directory holds a link that leads outside it (or its Hugging Face cache's blobs)."""

