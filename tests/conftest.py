@@ -51,8 +51,8 @@ def make_llama(dest: Path, seed: int, layers: int = 4, hidden: int = 256, vocab:
 
 
 def make_synthetic_llama(dest: Path, layers: int, hidden: int, inter: int, vocab: int, seed: int = 0) -> Path:
-    """A Llama-shaped bf16 model of any size with random weights, written tensor by tensor (bounded memory).
-    No tokenizer: for merge-stage tests and benchmarks."""
+    """A Llama-shaped bf16 model of any size with random weights, written tensor by tensor (bounded memory),
+    with a word-level tokenizer of its vocabulary size (for merge-stage tests and benchmarks)."""
     import torch
 
     from steps.tensors import OutTensor, write_model
@@ -77,6 +77,10 @@ def make_synthetic_llama(dest: Path, layers: int, hidden: int, inter: int, vocab
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
         "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
         "num_key_value_heads": 4, "vocab_size": vocab, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5}))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = Tokenizer(models.WordLevel({"<unk>": 0, **{f"w{i}": i for i in range(1, vocab)}}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(dest / "tokenizer.json"))
     return dest
 
 
