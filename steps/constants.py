@@ -17,7 +17,7 @@ STAGE_VERSIONS = {
     "fetch":    1,
     "merge":    1,
     "convert":  1,
-    "imatrix":  1,
+    "imatrix":  2,
     "quantize": 1,
     "bench":    1,
 }

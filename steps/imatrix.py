@@ -21,11 +21,18 @@ def build(ctx: Context) -> None:
     stage = ctx.stage
     chain = toolchain.locate()
     gguf = stage.build_dir / ctx.upstream_file("convert")
-    toolchain.run([chain.program("llama-imatrix"), "-m", str(gguf), "-f", str(stage.files["calibration"]),
+    # llama-imatrix records the text's path as given (imatrix.datasets, copied into every quant): give it the
+    # file's bare name, linked into the stage's work directory, so the bytes do not depend on where the checkout
+    # or the store lives.
+    calibration = stage.files["calibration"]
+    work = ctx.out.parent / "text"
+    work.mkdir()
+    (work / calibration.name).symlink_to(calibration)
+    toolchain.run([chain.program("llama-imatrix"), "-m", str(gguf), "-f", calibration.name,
                    "-o", str(ctx.out / stage.outputs[0]), "--output-format", "gguf",
                    "--chunks", str(stage.params["chunks"]), "-c", str(stage.params["context"]),
                    "-t", str(threads()), "--no-ppl", *toolchain.gpu_args()],
-                  what=f"imatrix {stage.recipe.name}")
+                  what=f"imatrix {stage.recipe.name}", cwd=work)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ SDIST_PACKAGE = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"
 LLAMA_CPP_COMMIT = "0c1e57098"
 VERSION = f"llama.cpp-{LLAMA_CPP_COMMIT}"
-PROGRAMS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split", "llama-completion")
+PROGRAMS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split", "llama-completion",
+            "llama-server", "llama-mtmd-cli")
 CMAKE_FLAGS = (
     "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF",
@@ -116,8 +117,12 @@ def locate() -> Toolchain:
 
 
 def is_built() -> bool:
+    """The pinned version is built with every program this code needs (an older build with fewer is rebuilt)."""
     done = toolchain_dir() / "BUILD.json"
-    return done.exists() and json.loads(done.read_text()).get("version") == VERSION
+    if not done.exists():
+        return False
+    info = json.loads(done.read_text())
+    return info.get("version") == VERSION and set(PROGRAMS) <= set(info.get("programs", []))
 
 
 def is_available() -> bool:
