@@ -11,12 +11,14 @@ QUANT_TYPES = (
 # Types llama-quantize refuses to make without an importance matrix.
 NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S")
 GGUF_OUTTYPES = ("bf16", "f16", "f32", "q8_0")
+MTP_MODES = ("auto", "keep", "drop")
+MMPROJ_MODES = ("auto", "off")
 
 # Bump a stage's number when its code changes what it writes: the number is part of the stage key.
 STAGE_VERSIONS = {
     "fetch":    1,
     "merge":    1,
-    "convert":  1,
+    "convert":  2,
     "imatrix":  2,
     "quantize": 1,
     "bench":    1,
@@ -39,6 +41,7 @@ MERGED_DIR      = "merged"
 BF16_GGUF       = "{recipe}-{outtype}.gguf"
 IMATRIX_FILE    = "{recipe}-imatrix.gguf"
 QUANT_GGUF      = "{recipe}-{qtype}.gguf"
+MMPROJ_GGUF     = "{recipe}-mmproj-{outtype}.gguf"
 SCOREBOARD      = "scoreboard.json"
 LOCK_FILE       = "lock.json"
 MANIFEST_DIR    = ".mf"

@@ -4,6 +4,11 @@ The converter runs in the project's environment with llama.cpp's vendored gguf-p
 rewritten once with the ``gguf`` package to add the recipe name, the stage key and the source revisions as
 metadata (llama-quantize copies them into every quant); tensor bytes are streamed from a memory map.
 
+A multi-token-prediction head (Qwen3.5's ``mtp.*``) is converted when complete and left out otherwise
+(``gguf.mtp``); a vision tower becomes ``<recipe>-mmproj-<TYPE>.gguf`` (``gguf.mmproj``). Every GGUF is loaded
+by llama.cpp and made to generate one token before the stage finishes (the projector with the image in
+``recipes/data/smoke.png``), so a file no client can load never reaches the store.
+
     python -m steps.convert demo                 # run the convert stage of recipes/demo.yaml
 """
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from steps import constants as C
 from steps import toolchain
+from steps.errors import RecipeError, StepFailed
+from steps.plan import Stage
 from steps.store import read_json
 
 if TYPE_CHECKING:
@@ -27,13 +34,47 @@ logger = logging.getLogger(__name__)
 def build(ctx: Context) -> None:
     stage = ctx.stage
     chain = toolchain.locate()
+    merged = stage.build_dir / C.MERGED_DIR
     name = stage.outputs[0]
+    classes = toolchain.converter_classes(merged)
+    if "error" in classes["text"]:
+        raise StepFailed(f"llama.cpp's converter has no text model for {merged}: {classes['text']['error']}")
+    mtp_args, ctx.record["mtp"] = mtp_plan(stage, merged, bool(classes["text"]["mtp"]))
+    provenance = _provenance(ctx)
     raw = ctx.out.parent / f"raw-{name}"
-    toolchain.run([sys.executable, str(chain.converter), str(stage.build_dir / C.MERGED_DIR),
-                   "--outtype", stage.params["outtype"], "--outfile", str(raw), "--model-name", stage.recipe.name],
+    toolchain.run([sys.executable, str(chain.converter), str(merged), "--outtype", stage.params["outtype"],
+                   "--outfile", str(raw), "--model-name", stage.recipe.name, *mtp_args],
                   what=f"convert {stage.recipe.name}", env=chain.converter_env())
+    add_metadata(raw, ctx.out / name, provenance)
+    raw.unlink()
+    toolchain.smoke_load(ctx.out / name)
+    ctx.record["main"] = name
+    if stage.params["mmproj"] == "off" or not has_vision(merged):
+        return
+    if "error" in classes["mmproj"]:
+        raise RecipeError(str(stage.recipe.file), "gguf.mmproj", f"the merged model has a vision tower, but "
+                          f"llama.cpp's converter writes no projector for it ({classes['mmproj']['error']}); set "
+                          "gguf.mmproj: off to convert the text model alone")
+    outtype = stage.params["mmproj_outtype"]
+    proj = C.MMPROJ_GGUF.format(recipe=stage.recipe.name, outtype=outtype.upper())
+    raw = ctx.out.parent / f"raw-{proj}"
+    toolchain.run([sys.executable, str(chain.converter), str(merged), "--mmproj", "--outtype", outtype,
+                   "--outfile", str(raw), "--model-name", stage.recipe.name],
+                  what=f"convert {stage.recipe.name} (vision projector)", env=chain.converter_env())
+    add_metadata(raw, ctx.out / proj, provenance)
+    raw.unlink()
+    toolchain.smoke_load(ctx.out / name, mmproj=ctx.out / proj, image=SMOKE_IMAGE)
+    ctx.record["mmproj"] = proj
+
+
+SMOKE_IMAGE = Path(__file__).resolve().parent.parent / "recipes" / "data" / "smoke.png"
+MTP_TOP = ("fc.weight", "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight", "norm.weight")
+
+
+def _provenance(ctx: Context) -> dict[str, str]:
+    stage = ctx.stage
     sources = read_json(stage.target.with_name(f"fetch.{stage.recipe.name}.json")).get("sources", {})
-    provenance = {
+    return {
         C.GGUF_KEY_RECIPE: stage.recipe.name,
         C.GGUF_KEY_STAGE: ctx.key,
         C.GGUF_KEY_SOURCES: json.dumps({k: {"kind": v["kind"], "revision": v["revision"],
@@ -41,8 +82,87 @@ def build(ctx: Context) -> None:
                                         for k, v in sources.items()}, sort_keys=True),
         C.GGUF_KEY_VERSION: str(C.SCHEMA_VERSION),
     }
-    add_metadata(raw, ctx.out / name, provenance)
-    raw.unlink()
+
+
+def has_vision(model_dir: Path) -> bool:
+    """A vision tower: a vision config and tensors outside the language model that carry it."""
+    from steps.tensors import ModelReader
+    config = json.loads((model_dir / "config.json").read_text())
+    if not isinstance(config.get("vision_config"), dict):
+        return False
+    reader = ModelReader(model_dir)
+    try:
+        return any(n.split(".")[0] in ("visual", "vision_tower", "vision_model") or ".visual." in n
+                   for n in reader.tensors)
+    finally:
+        reader.close()
+
+
+def mtp_plan(stage: Stage, model_dir: Path, supports_mtp: bool) -> tuple[list[str], dict[str, Any]]:
+    """The converter flags for the model's multi-token-prediction head, and what was decided (for the record).
+
+    ``gguf.mtp``: ``keep`` converts a complete ``mtp.*`` set and refuses anything else; ``drop`` converts without
+    it; ``auto`` (default) keeps a complete set and otherwise converts without MTP, saying so. A checkpoint saved
+    through transformers keeps ``mtp_num_hidden_layers`` in its config but no ``mtp.*`` tensors: converted as is,
+    the GGUF would claim a block it does not hold and llama.cpp would refuse to load it.
+    """
+    from steps.tensors import ModelReader
+    mode = stage.params["mtp"]
+    config = json.loads((model_dir / "config.json").read_text())
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    declared = int(text.get("mtp_num_hidden_layers") or config.get("mtp_num_hidden_layers") or 0)
+    reader = ModelReader(model_dir)
+    names = list(reader.tensors)
+    reader.close()
+    mtp = {n.removeprefix("model.").removeprefix("mtp.") for n in names if n.startswith(("mtp.", "model.mtp."))}
+    if not supports_mtp and not mtp:
+        return [], {"mode": mode, "kept": False, "reason": "the architecture has no MTP head"}
+    problem = _mtp_problem(mtp, declared, names, text)
+    if mode == "keep" and problem:
+        raise RecipeError(str(stage.recipe.file), "gguf.mtp", f"keep asks for the MTP head, but {problem}; set "
+                          "gguf.mtp: drop (or auto) to convert the model without it")
+    if mode == "drop" or problem:
+        if not supports_mtp:
+            raise RecipeError(str(stage.recipe.file), "gguf.mtp", f"the merged model holds mtp.* tensors but "
+                              "llama.cpp's converter has no MTP support for its architecture; remove them from the "
+                              "sources")
+        reason = "gguf.mtp: drop" if mode == "drop" else problem
+        if mode == "auto":
+            logger.info("convert %s: %s: converting without MTP (--no-mtp; gguf.mtp: auto)", stage.recipe.name,
+                        problem)
+        return ["--no-mtp"], {"mode": mode, "kept": False, "reason": reason}
+    return [], {"mode": mode, "kept": True, "layers": declared or _mtp_layers(mtp)}
+
+
+def _mtp_layers(mtp: set[str]) -> int:
+    return len({int(n.split(".")[1]) for n in mtp if n.startswith("layers.") and n.split(".")[1].isdigit()})
+
+
+def _mtp_problem(mtp: set[str], declared: int, names: list[str], text: dict[str, Any]) -> str | None:
+    """Why the model's MTP set cannot be converted, or None when it is complete."""
+    if not mtp:
+        return (f"the config declares mtp_num_hidden_layers: {declared} but the model holds no mtp.* tensors"
+                if declared else "the model holds no mtp.* tensors")
+    layers = declared or _mtp_layers(mtp)
+    wanted = set(MTP_TOP)
+    full = _full_attention_suffixes(names, text)
+    for i in range(layers):
+        wanted |= {f"layers.{i}.{suffix}" for suffix in full}
+    missing = sorted(wanted - mtp)
+    if missing:
+        shown = ", ".join(f"mtp.{m}" for m in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4
+                                                               else "")
+        return f"its MTP set is partial ({len(mtp)} mtp.* tensors; missing {shown})"
+    return None
+
+
+def _full_attention_suffixes(names: list[str], text: dict[str, Any]) -> set[str]:
+    """The tensor suffixes of a full-attention decoder layer: what each MTP layer holds."""
+    import re
+    types = text.get("layer_types") or []
+    index = types.index("full_attention") if "full_attention" in types else 0
+    pattern = re.compile(rf"^(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.{index}\.(.+)$")
+    return {m.group(1) for n in names if (m := pattern.match(n))}
 
 
 def add_metadata(src: Path, dest: Path, values: dict[str, str]) -> None:

@@ -104,9 +104,10 @@ def plan(recipe: Recipe) -> list[Stage]:
                             outputs=(C.IMATRIX_FILE.format(recipe=n),)))
         upstream = (*upstream, f"imatrix:{n}")
     quants = []
-    for qtype in recipe.quantize:
-        quant = Stage("quantize", f"{n}-{qtype}", recipe, {"type": qtype}, deps=upstream,
-                      outputs=(C.QUANT_GGUF.format(recipe=n, qtype=qtype),))
+    for qname in recipe.quantize:
+        spec = recipe.quant_specs.get(qname, {"type": qname})
+        quant = Stage("quantize", f"{n}-{qname}", recipe, spec, deps=upstream,
+                      outputs=(C.QUANT_GGUF.format(recipe=n, qtype=qname),))
         quants.append(quant.id)
         stages.append(quant)
     if recipe.bench is not None:

@@ -1,4 +1,6 @@
-"""quantize: llama-quantize to one type, with the recipe's importance matrix when it has one.
+"""quantize: llama-quantize to one type, with the recipe's importance matrix when it has one, and the quant
+entry's per-tensor options (--output-tensor-type, --token-embedding-type, --tensor-type, --override-kv), so a
+bartowski-style ``_L``/``_XL`` variant is one recipe line. The quant is load-checked in llama.cpp before it is kept.
 
     python -m steps.quantize demo-Q4_K_M         # run one quantize subtask of recipes/demo.yaml
 """
@@ -25,8 +27,17 @@ def build(ctx: Context) -> None:
     # the quant's metadata, and an absolute path would make the bytes depend on where the build lives.
     if stage.recipe.imatrix is not None:
         argv += ["--imatrix", ctx.upstream_file("imatrix")]
+    params = stage.params
+    for opt in ("output_tensor_type", "token_embedding_type"):
+        if opt in params:
+            argv += [f"--{opt.replace('_', '-')}", params[opt]]
+    for rule in params.get("tensor_type", []):
+        argv += ["--tensor-type", rule]
+    for kv in params.get("override_kv", []):
+        argv += ["--override-kv", kv]
     argv += [ctx.upstream_file("convert"), str(ctx.out / stage.outputs[0]), stage.params["type"], str(threads())]
     toolchain.run(argv, what=f"quantize {stage.name}", cwd=stage.build_dir)
+    toolchain.smoke_load(ctx.out / stage.outputs[0])
 
 
 if __name__ == "__main__":

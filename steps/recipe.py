@@ -10,13 +10,13 @@ import difflib
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from steps.constants import GGUF_OUTTYPES, NEEDS_IMATRIX, QUANT_TYPES
+from steps.constants import GGUF_OUTTYPES, MMPROJ_MODES, MTP_MODES, NEEDS_IMATRIX, QUANT_TYPES
 from steps.errors import RecipeError
 
 TOP_KEYS = ("name", "description", "sources", "merge", "gguf", "imatrix", "quantize", "bench")
@@ -25,8 +25,13 @@ MERGE_KEYS = ("merge_method", "slices", "models", "base_model", "parameters", "d
               "tokenizer_source", "tokenizer", "chat_template", "shard_bytes", "random_seed")
 SLICE_KEYS = ("sources", "parameters")
 SLICE_SOURCE_KEYS = ("model", "layer_range", "parameters")
-GGUF_KEYS = ("outtype",)
+GGUF_KEYS = ("outtype", "mtp", "mmproj", "mmproj_outtype")
 IMATRIX_KEYS = ("calibration", "chunks", "context")
+QUANT_KEYS = ("type", "name", "tensor_type", "output_tensor_type", "token_embedding_type", "override_kv")
+# ggml tensor types llama-quantize takes for --tensor-type, --output-tensor-type and --token-embedding-type
+TENSOR_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+                "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s", "iq1_m", "iq4_nl", "iq4_xs", "tq1_0",
+                "tq2_0", "mxfp4")
 BENCH_KEYS = ("heldout", "context", "chunks")
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_NAME = 64                       # recipe and source names become file names (with suffixes): keep them short
@@ -57,6 +62,7 @@ class Recipe:
     bench: dict[str, Any] | None
     calibration: Path | None = None
     heldout: Path | None = None
+    quant_specs: dict[str, dict[str, Any]] = field(default_factory=dict)   # quant name -> llama-quantize options
 
 
 def did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
@@ -210,25 +216,30 @@ def load(file: str | Path) -> Recipe:
     merge = _merge(check, raw["merge"], sources)
     _check_tokenizer(check, merge, sources)
     gguf = dict(check.mapping(raw.get("gguf", {}) or {}, "gguf", GGUF_KEYS))
-    gguf.setdefault("outtype", "bf16")
-    if gguf["outtype"] not in GGUF_OUTTYPES:
-        outtype = str(gguf["outtype"])
-        raise check.fail("gguf.outtype", f"unknown type {outtype!r}{did_you_mean(outtype, GGUF_OUTTYPES)}; "
-                         f"one of {', '.join(GGUF_OUTTYPES)}")
+    if isinstance(gguf.get("mmproj"), bool):         # YAML reads `mmproj: off` as false
+        gguf["mmproj"] = "auto" if gguf["mmproj"] else "off"
+    for key, default, choices in (("outtype", "bf16", GGUF_OUTTYPES), ("mtp", "auto", MTP_MODES),
+                                  ("mmproj", "auto", MMPROJ_MODES), ("mmproj_outtype", "f16", GGUF_OUTTYPES)):
+        gguf.setdefault(key, default)
+        if gguf[key] not in choices:
+            value = str(gguf[key])
+            raise check.fail(f"gguf.{key}", f"unknown value {value!r}{did_you_mean(value, choices)}; one of "
+                             f"{', '.join(choices)}")
     imatrix, calibration = _text_block(check, raw.get("imatrix"), "imatrix", IMATRIX_KEYS, "calibration",
                                        "a calibration text file", {"chunks": 32, "context": 512}, base)
-    quantize = _quantize(check, raw.get("quantize", []))
+    quant_specs = _quantize(check, raw.get("quantize", []))
+    quantize = tuple(quant_specs)
     if gguf["outtype"].upper() in quantize:
         i = quantize.index(gguf["outtype"].upper())
         raise check.fail(f"quantize[{i}]", f"{quantize[i]} is the unquantized GGUF itself (gguf.outtype: "
                          f"{gguf['outtype']}), which convert already writes; remove it from quantize")
-    for i, qtype in enumerate(quantize):
-        if qtype in NEEDS_IMATRIX and imatrix is None:
-            raise check.fail(f"quantize[{i}]", f"{qtype} needs an importance matrix; add an imatrix: block with a "
+    for i, (qname, spec) in enumerate(quant_specs.items()):
+        if spec["type"] in NEEDS_IMATRIX and imatrix is None:
+            raise check.fail(f"quantize[{i}]", f"{qname} needs an importance matrix; add an imatrix: block with a "
                              "calibration text, or pick a type such as Q4_K_M")
     bench, heldout = _text_block(check, raw.get("bench"), "bench", BENCH_KEYS, "heldout",
                                  "a held-out text file for perplexity", {"context": 512, "chunks": 8}, base)
-    return Recipe(name, file, sources, merge, gguf, imatrix, quantize, bench, calibration, heldout)
+    return Recipe(name, file, sources, merge, gguf, imatrix, quantize, bench, calibration, heldout, quant_specs)
 
 
 def _sources(check: _Checker, value: Any, base: Path) -> dict[str, Source]:
@@ -510,18 +521,55 @@ def _text_block(check: _Checker, value: Any, section: str, keys: tuple[str, ...]
     return spec, path
 
 
-def _quantize(check: _Checker, value: Any) -> tuple[str, ...]:
+def _quantize(check: _Checker, value: Any) -> dict[str, dict[str, Any]]:
+    """Quant targets by name: a type name (``Q4_K_M``) or a mapping with llama-quantize's per-tensor options
+    (``{name: Q4_K_L, type: Q4_K_M, output_tensor_type: q8_0, token_embedding_type: q8_0}``)."""
     if not isinstance(value, list):
         raise check.fail("quantize", f"expected a list of llama.cpp types such as [Q4_K_M, Q8_0], got {value!r}")
-    seen: list[str] = []
-    for i, qtype in enumerate(value):
+    out: dict[str, dict[str, Any]] = {}
+    for i, entry in enumerate(value):
+        key = f"quantize[{i}]"
+        spec = dict(check.mapping(entry, key, QUANT_KEYS)) if isinstance(entry, dict) else {"type": entry}
+        qtype = spec.get("type")
         if not isinstance(qtype, str) or qtype.upper() not in QUANT_TYPES:
             hint = did_you_mean(str(qtype).upper(), QUANT_TYPES)
-            raise check.fail(f"quantize[{i}]", f"unknown quant type {qtype!r}{hint}; known: {', '.join(QUANT_TYPES)}")
-        if qtype.upper() in seen:
-            raise check.fail(f"quantize[{i}]", f"{qtype} is listed twice")
-        seen.append(qtype.upper())
-    return tuple(seen)
+            where = f"{key}.type" if isinstance(entry, dict) else key
+            raise check.fail(where, f"unknown quant type {qtype!r}{hint}; known: {', '.join(QUANT_TYPES)}")
+        spec["type"] = qtype.upper()
+        name = spec.pop("name", spec["type"])
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.]{1,32}", name):
+            raise check.fail(f"{key}.name", f"expected 1 to 32 letters, digits, '_' or '.' (it names the file "
+                             f"<recipe>-<name>.gguf), got {name!r}")
+        for opt in ("output_tensor_type", "token_embedding_type"):
+            if opt in spec:
+                spec[opt] = _tensor_type(check, spec[opt], f"{key}.{opt}")
+        if "tensor_type" in spec:
+            rules = spec["tensor_type"]
+            if not isinstance(rules, list) or not rules:
+                raise check.fail(f"{key}.tensor_type", "expected a list of 'pattern=type' rules, e.g. "
+                                 "['attn_v=q8_0', 'ffn_down=q6_k']")
+            for j, rule in enumerate(rules):
+                if not isinstance(rule, str) or rule.count("=") != 1 or not rule.split("=")[0]:
+                    raise check.fail(f"{key}.tensor_type[{j}]", f"expected 'pattern=type', got {rule!r}")
+                pattern, ttype = rule.split("=")
+                rules[j] = f"{pattern}={_tensor_type(check, ttype, f'{key}.tensor_type[{j}]')}"
+        if "override_kv" in spec:
+            kvs = spec["override_kv"]
+            if not isinstance(kvs, list) or not all(isinstance(kv, str) and re.fullmatch(
+                    r"[A-Za-z0-9_.]+=(int|float|bool|str):.*", kv) for kv in kvs):
+                raise check.fail(f"{key}.override_kv", "expected a list of 'KEY=TYPE:VALUE' strings (TYPE: int, "
+                                 f"float, bool or str), as llama-quantize --override-kv takes them; got {kvs!r}")
+        if name.upper() in (n.upper() for n in out):
+            raise check.fail(key, f"{name} is listed twice; give the second one its own name:")
+        out[name] = spec
+    return out
+
+
+def _tensor_type(check: _Checker, value: Any, key: str) -> str:
+    if not isinstance(value, str) or value.lower() not in TENSOR_TYPES:
+        hint = did_you_mean(str(value).lower(), TENSOR_TYPES)
+        raise check.fail(key, f"unknown tensor type {value!r}{hint}; one of {', '.join(TENSOR_TYPES)}")
+    return value.lower()
 
 
 RECIPE_SUFFIXES = (".yaml", ".yml")

@@ -228,6 +228,57 @@ def _build_locked(target: Path) -> Toolchain:
     return locate()
 
 
+_PROBE = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from conversion import get_model_class
+from conversion.base import ModelBase, ModelType, get_model_architecture
+hparams = ModelBase.load_hparams(Path(sys.argv[2]), False)
+out = {}
+for kind, model_type in (("text", ModelType.TEXT), ("mmproj", ModelType.MMPROJ)):
+    try:
+        arch = get_model_architecture(hparams, model_type)
+        cls = get_model_class(arch, mmproj=model_type == ModelType.MMPROJ)
+        out[kind] = {"arch": arch, "class": cls.__name__, "mtp": bool(getattr(cls, "supports_mtp_export", False))}
+    except (NotImplementedError, KeyError, ValueError, AssertionError) as exc:
+        out[kind] = {"error": str(exc)}
+print(json.dumps(out))
+"""
+
+
+def converter_classes(model_dir: Path) -> dict[str, dict[str, object]]:
+    """What llama.cpp's converter would use for a model directory, asked of the converter itself:
+    ``{"text": {"arch", "class", "mtp"}, "mmproj": {...} or {"error"}}`` (``mtp``: it takes ``--no-mtp``)."""
+    chain = locate()
+    out = run([sys.executable, "-c", _PROBE, str(chain.py_dir), str(model_dir)], what="inspect with the converter",
+              env=chain.converter_env(), stream=False)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def smoke_load(gguf: Path, *, mmproj: Path | None = None, image: Path | None = None) -> None:
+    """Load a GGUF in llama.cpp and generate one token (with its projector and an image, through llama-mtmd-cli),
+    so a file no client can load fails the stage that made it, before it reaches the store."""
+    from steps.plan import threads
+    chain = locate()
+    common = ["-n", "1", "--temp", "0", "-c", "256", "-t", str(threads()), *gpu_args()]
+    if mmproj is None:
+        argv = [chain.program("llama-completion"), "-m", str(gguf), "-p", "Hello", "-no-cnv", *common]
+    else:
+        argv = [chain.program("llama-mtmd-cli"), "-m", str(gguf), "--mmproj", str(mmproj), "--image", str(image),
+                "-p", "Describe the image.", *common]
+    try:
+        run(argv, what=f"load check {gguf.name}", stream=False)
+    except StepFailed as exc:
+        tail = str(exc).split("output (last lines):\n", 1)[-1].split("\n  nothing was written")[0]
+        lines = [line for line in tail.splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower() or "failed" in line.lower()] or lines[-3:]
+        raise StepFailed(f"llama.cpp cannot load {gguf.name}{' with ' + mmproj.name if mmproj else ''}: "
+                         f"{' | '.join(e.strip() for e in errors[-3:])}; the file was not kept (nothing reached "
+                         "build/ or the store). Check the merged config against its tensors, e.g. gguf.mtp for a "
+                         "model whose MTP head is missing, and run doit again") from None
+
+
 def gpu_args() -> list[str]:
     """``-ngl N`` from MERGEFORGE_GPU_LAYERS: a machine setting, not part of any key."""
     layers = os.environ.get("MERGEFORGE_GPU_LAYERS")
