@@ -168,9 +168,10 @@ class Workspace:
         path.write_text(text)
         return path
 
-    def doit(self, *args: str, check: bool = True) -> DoitResult:
+    def doit(self, *args: str, check: bool = True, env: dict[str, str] | None = None) -> DoitResult:
         proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *args],
-                              cwd=self.path, env=self.env(), capture_output=True, text=True, timeout=1800)
+                              cwd=self.path, env={**self.env(), **(env or {})}, capture_output=True, text=True,
+                              timeout=1800)
         out = proc.stdout + proc.stderr
         if check and proc.returncode != 0:
             raise AssertionError(f"doit {' '.join(args)} failed ({proc.returncode}):\n{out[-6000:]}")
