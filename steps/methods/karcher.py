@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from steps.methods import merge_method
+from steps.methods import Param, merge_method
 from steps.methods.linear import work_dtype
 
 
-@merge_method("karcher", shared={"max_iter": 10, "tol": 1e-5}, base="ignored")
+@merge_method("karcher", shared={
+    "max_iter": Param(10, "int", 1, what="the most iterations of the mean's refinement"),
+    "tol": Param(1e-5, "number", 0, lo_open=True, what="the convergence tolerance (also the smallest norm counted)"),
+}, base="ignored")
 def karcher(xs: list[Any], base: int | None, per_model: list[dict[str, Any]], shared: dict[str, Any],
             gen: Any) -> Any:
     import torch

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from steps.methods import REQUIRED, merge_method
+from steps.methods import WEIGHT, Param, merge_method
 
 
 def work_dtype(dtype: Any) -> Any:
@@ -11,7 +11,9 @@ def work_dtype(dtype: Any) -> Any:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@merge_method("linear", per_model={"weight": REQUIRED}, shared={"normalize": True}, base="ignored")
+@merge_method("linear", per_model={"weight": WEIGHT},
+              shared={"normalize": Param(True, "bool", what="divide the sum by the sum of the weights")},
+              base="ignored")
 def linear(xs: list[Any], base: int | None, per_model: list[dict[str, Any]], shared: dict[str, Any],
            gen: Any) -> Any:
     import torch

@@ -5,10 +5,11 @@ from __future__ import annotations
 from itertools import combinations
 from typing import Any
 
-from steps.methods import merge_method
+from steps.methods import Param, merge_method
 
 
-@merge_method("model_stock", shared={"filter_wise": False}, base="required")
+@merge_method("model_stock", shared={"filter_wise": Param(False, "bool", what="one ratio per row instead of per "
+                                                                           "tensor")}, base="required")
 def model_stock(xs: list[Any], base: int | None, per_model: list[dict[str, Any]], shared: dict[str, Any],
                 gen: Any) -> Any:
     import torch

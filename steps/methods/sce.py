@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from steps.methods import merge_method
+from steps.methods import INT8_MASK, Param, merge_method
 
 
-@merge_method("sce", shared={"select_topk": 1.0, "int8_mask": False}, base="required")
+@merge_method("sce", shared={
+    "select_topk": Param(1.0, "number", 0, 1, what="the fraction of task-vector entries of highest variance kept"),
+    "int8_mask": INT8_MASK,
+}, base="required")
 def sce(xs: list[Any], base: int | None, per_model: list[dict[str, Any]], shared: dict[str, Any], gen: Any) -> Any:
     import torch
     assert base is not None

@@ -10,14 +10,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from steps.methods import REQUIRED, merge_method
+from steps.methods import REQUIRED, WEIGHT, Param, merge_method
 from steps.methods.linear import work_dtype
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
 
 
-@merge_method("slerp", shared={"t": REQUIRED}, base="required", n_inputs=2)
+@merge_method("slerp", shared={"t": Param(REQUIRED, "number", 0, 1, what="the position from the base model (0) to "
+                                         "the other model (1)")}, base="required", n_inputs=2)
 def slerp(xs: list[Any], base: int | None, per_model: list[dict[str, Any]], shared: dict[str, Any],
           gen: Any) -> Any:
     import torch
@@ -51,8 +52,10 @@ def _nuslerp_vectors(t: float, a: Any, b: Any) -> Any:
     return torch.where(colinear, (1 - t) * a + t * b, spherical)
 
 
-@merge_method("nuslerp", per_model={"weight": REQUIRED}, non_base_only=("weight",),
-              shared={"nuslerp_flatten": True, "nuslerp_row_wise": False}, base="optional")
+@merge_method("nuslerp", per_model={"weight": WEIGHT}, non_base_only=("weight",), shared={
+    "nuslerp_flatten": Param(True, "bool", what="interpolate each tensor as one flat vector"),
+    "nuslerp_row_wise": Param(False, "bool", what="interpolate row vectors rather than column vectors"),
+}, base="optional")
 def nuslerp(xs: list[Any], base: int | None, per_model: list[dict[str, Any]], shared: dict[str, Any],
             gen: Any) -> Any:
     others = [i for i in range(len(xs)) if i != base]

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from steps.methods import REQUIRED, merge_method
+from steps.methods import DENSITY, INT8_MASK, LAMBDA, WEIGHT, Param, merge_method
 
 CHUNK = 1 << 22             # elements per step of the elementwise part
+
+GAMMA = {"gamma": Param(0.01, "number", 0, 1, what="the fraction of largest-magnitude entries dropped as outliers")}
+EPSILON = {"epsilon": Param(0.15, "number", 0, 0.5, hi_open=True,
+                            what="the spread of keep probabilities around density (density - epsilon and "
+                                 "density + epsilon must stay within (0, 1))")}
 
 FAMILY = {
     #  name               consensus  sparsifier   normalize rescale  extra per-model parameter
@@ -21,10 +26,10 @@ FAMILY = {
     "ties":              (True,      "magnitude", True,     False,   {}),
     "dare_ties":         (True,      "random",    False,    True,    {}),
     "dare_linear":       (False,     "random",    False,    True,    {}),
-    "breadcrumbs":       (False,     "outliers",  False,    False,   {"gamma": 0.01}),
-    "breadcrumbs_ties":  (True,      "outliers",  False,    False,   {"gamma": 0.01}),
-    "della":             (True,      "della",     True,     True,    {"epsilon": 0.15}),
-    "della_linear":      (False,     "della",     False,    True,    {"epsilon": 0.15}),
+    "breadcrumbs":       (False,     "outliers",  False,    False,   GAMMA),
+    "breadcrumbs_ties":  (True,      "outliers",  False,    False,   GAMMA),
+    "della":             (True,      "della",     True,     True,    EPSILON),
+    "della_linear":      (False,     "della",     False,    True,    EPSILON),
 }
 
 
@@ -189,6 +194,19 @@ def della(x: Any, density: float, epsilon: float, rescale: bool, gen: Any) -> An
     return _rescaled(rows.to(work), mask, rescale).to(x.dtype).reshape(x.shape)
 
 
+def della_bounds(values: dict[str, Any]) -> tuple[str, str] | None:
+    """DELLA's keep probabilities, density - epsilon to density + epsilon, must lie in (0, 1) (mergekit's rule).
+    The parameter to change and why, or None."""
+    if "density" not in values or "epsilon" not in values:
+        return None
+    density, epsilon = float(values["density"]), float(values["epsilon"])
+    if 0 < density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+        return "epsilon", (f"density {density:g} with epsilon {epsilon:g} gives keep probabilities outside (0, 1): "
+                           "della needs 0 < density - epsilon and density + epsilon < 1; use an epsilon below "
+                           f"{min(density, 1 - density):g}")
+    return None
+
+
 def _make(name: str) -> None:
     consensus, sparsifier, normalize, rescale, extra = FAMILY[name]
 
@@ -248,10 +266,14 @@ def _make(name: str) -> None:
         return b
 
     merge.__name__ = name
-    merge_method(name, per_model={"weight": REQUIRED, "density": 1.0, **extra},
+    merge_method(name, per_model={"weight": WEIGHT, "density": DENSITY, **extra},
                  non_base_only=("weight", "density", *extra),
-                 shared={"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0},
-                 base="required", random=sparsifier in ("random", "della"))(merge)
+                 shared={"int8_mask": INT8_MASK,
+                         "normalize": Param(normalize, "bool", what="divide the sum by the sum of the weights"),
+                         "rescale": Param(rescale, "bool", what="rescale each kept task vector to its L1 norm"),
+                         "lambda": LAMBDA},
+                 base="required", random=sparsifier in ("random", "della"),
+                 check=della_bounds if sparsifier == "della" else None)(merge)
 
 
 for _name in FAMILY:
