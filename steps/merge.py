@@ -2,11 +2,15 @@
 
 The engine finds the decoder-layer blocks from tensor names and the config's layer count (``model.layers.N``,
 ``model.language_model.layers.N``, ``transformer.h.N``, ...), not from an architecture table. Every other module
-(embeddings, final norm, lm_head, vision tower, MTP heads) comes from the base model. The config is rewritten for
-the new depth: the layer count (nested ``text_config`` too) and every per-layer list such as ``layer_types``.
-Every input tensor is either placed in the output or listed in the stage's record as deliberately left out.
+(embeddings, final norm, lm_head, vision tower, MTP heads) comes from the base model; a passthrough without
+base_model takes them as mergekit does (embeddings from the first slice's model, the rest from the last slice's).
+The config is rewritten for the new depth: the layer count (nested ``text_config`` too) and every per-layer list
+such as ``layer_types``. Every input tensor is either placed in the output or listed in the stage's record as
+deliberately left out.
 
-Tensors stream one at a time; an unchanged tensor is copied as bytes, never decoded.
+A preflight compares the models from their configs and headers before any byte is written (architecture, width,
+vocabulary, each layer's tensors). Tensors stream one at a time; an unchanged tensor is copied as bytes, never
+decoded, and so is every integer or boolean buffer (position ids, masks), which no method merges.
 
     python -m steps.merge demo                   # run the merge stage of recipes/demo.yaml
 """
@@ -30,7 +34,7 @@ from steps.hashing import digest_value
 from steps.methods import LAYERED, Method, layer_position, resolve
 from steps.methods import get as get_method
 from steps.recipe import source_layer_count
-from steps.tensors import TORCH_DTYPES, ModelReader, OutTensor, write_model
+from steps.tensors import MERGEABLE, TORCH_DTYPES, ModelReader, OutTensor, write_model
 
 if TYPE_CHECKING:
     from steps.store import Context
@@ -40,6 +44,8 @@ logger = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 SKIP_FILES = ("config.json", "README.md", "manifest.json")
 _LAYER_RE = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
+TOWER_CONFIGS = ("vision_config", "audio_config")     # sub-configs of modules beside the decoder
+EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings")   # token embedding names
 
 
 def find_layer_prefix(names: list[str], n_layers: int) -> str:
@@ -128,6 +134,131 @@ def check_ranges(slices: list[Slice], models: dict[str, Model], recipe_file: str
                               "of a slice needs a layer_range of the same length")
 
 
+def preflight(merge: dict[str, Any], slices: list[Slice], models: dict[str, Model], base: Model,
+              recipe_file: str) -> None:
+    """Refuse models that cannot be stacked or merged together, before any output byte is written, from config.json
+    and the safetensors headers alone (no torch: seconds on any model size). Every model a source names is compared
+    with the base: its architecture (the text model's model_type) and hidden size; its vocabulary size where it gives
+    modules outside the layers (embeddings, lm_head); and each layer it gives must match one of the base's layers
+    tensor for tensor (names and shapes). Any base layer, not the one at the same index: each layer type of a hybrid
+    model (linear and full attention, dense and MoE layers) then finds its own kind."""
+    ref = f"the base '{base.name}'" if merge.get("base_model") else f"the first model '{base.name}'"
+    if merge["merge_method"] not in LAYERED:
+        donors = {src.model for sl in (slices[0], slices[-1]) for src in sl.sources}
+        why = ("merged models need one vocabulary (mergekit's tokenizer-permutation merge is not implemented): use "
+               "fine-tunes that keep the base's tokenizer")
+    elif mergekit_passthrough(merge, base):
+        donors = {slices[0].sources[0].model, slices[-1].sources[0].model}
+        why = ("a passthrough without base_model takes the embeddings from the first slice's model and the final "
+               "norm and lm_head from the last slice's, as mergekit does: name a base_model to take them all from it")
+    else:
+        donors, why = set(), ""
+    base_layers = _layer_tensors(base)
+    known = {frozenset(layer.items()) for layer in base_layers}
+    for key, name, layers in _source_entries(merge, models):
+        model = models[name]
+        if name == base.name:
+            continue
+        problem = _model_difference(model, base, ref, why if name in donors else None)
+        if problem:
+            raise RecipeError(recipe_file, key, problem)
+        own = _layer_tensors(model)
+        for layer in layers:
+            if frozenset(own[layer].items()) not in known:
+                raise RecipeError(recipe_file, key, f"layer {layer} of model '{name}' matches no layer of {ref} "
+                                  f"({_nearest_difference(own[layer], base_layers)}); stacked or merged layers "
+                                  "need one architecture and width: use models of one family and size")
+
+
+def _source_entries(merge: dict[str, Any], models: dict[str, Model]) -> list[tuple[str, str, range]]:
+    """(recipe key, model, layers used) of every source the merge block names."""
+    if "slices" in merge:
+        return [(f"merge.slices[{s}].sources[{j}]", src["model"], range(*src["layer_range"]))
+                for s, sl in enumerate(merge["slices"]) for j, src in enumerate(sl["sources"])]
+    return [(f"merge.models[{k}]", m["model"], range(*(m.get("layer_range") or (0, models[m["model"]].n_layers))))
+            for k, m in enumerate(merge["models"])]
+
+
+def _text_value(config: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    """The first of keys set in the text model's config (a nested text_config, else the config itself)."""
+    for cfg in (config.get("text_config"), config):
+        if isinstance(cfg, dict):
+            for key in keys:
+                if cfg.get(key) is not None:
+                    return cfg[key]
+    return None
+
+
+def _architecture(config: dict[str, Any]) -> tuple[str, str]:
+    """What must agree (the text model's model_type) and the name a message gives (the architecture class)."""
+    model_type = _text_value(config, ("model_type",))
+    archs = config.get("architectures")
+    label = str(archs[0]) if isinstance(archs, list) and archs else str(model_type or "an unknown architecture")
+    return str(model_type or label), label
+
+
+def _embedding_rows(model: Model) -> tuple[str, int] | None:
+    for name, info in model.reader.tensors.items():
+        if not name.startswith(model.prefix + ".") and any(e in name for e in EMBEDDINGS) and len(info.shape) == 2:
+            return name, info.shape[0]
+    return None
+
+
+def _model_difference(model: Model, base: Model, ref: str, vocab_why: str | None) -> str | None:
+    """Why model cannot join the base (architecture, hidden size, and the vocabulary size when vocab_why says why
+    it matters), or None."""
+    (kind, label), (base_kind, base_label) = _architecture(model.config), _architecture(base.config)
+    if kind != base_kind:
+        if label == base_label:
+            label, base_label = f"{label} (model_type {kind})", f"{base_label} (model_type {base_kind})"
+        return (f"model '{model.name}' is {label}, {ref} is {base_label}; layers of different architectures do not "
+                "fit together: use models of one architecture (fine-tunes of one base model)")
+    width, base_width = (_text_value(m.config, ("hidden_size", "n_embd", "d_model")) for m in (model, base))
+    if None not in (width, base_width) and width != base_width:
+        return (f"model '{model.name}' has hidden size {width}, {ref} has {base_width}; layers of another width "
+                "cannot be stacked or merged: use models of one size (fine-tunes of one base model)")
+    if vocab_why is None:
+        return None
+    vocab, base_vocab = (_text_value(m.config, ("vocab_size",)) for m in (model, base))
+    if None not in (vocab, base_vocab) and vocab != base_vocab:
+        return f"model '{model.name}' has vocab_size {vocab}, {ref} has {base_vocab}; {vocab_why}"
+    rows, base_rows = _embedding_rows(model), _embedding_rows(base)
+    if rows and base_rows and rows[1] != base_rows[1]:
+        return (f"model '{model.name}' has {rows[1]} embedding rows ({rows[0]}), {ref} has {base_rows[1]}; "
+                f"{vocab_why}")
+    return None
+
+
+def _layer_tensors(model: Model) -> list[dict[str, tuple[int, ...]]]:
+    """Per decoder layer, its tensors' names (after the layer index) and shapes."""
+    layers: list[dict[str, tuple[int, ...]]] = [{} for _ in range(model.n_layers)]
+    head = model.prefix + "."
+    for name, info in model.reader.tensors.items():
+        if name.startswith(head):
+            index, _, suffix = name[len(head):].partition(".")
+            if index.isdigit():
+                layers[int(index)][suffix] = info.shape
+    return layers
+
+
+def _nearest_difference(layer: dict[str, tuple[int, ...]], base_layers: list[dict[str, tuple[int, ...]]]) -> str:
+    """How a layer differs from the base layer it is closest to (the fewest differing tensors)."""
+    differences = []
+    for other in base_layers:
+        found = []
+        for suffix in sorted(layer.keys() | other.keys()):
+            if suffix not in other:
+                found.append(f"it has {suffix} {list(layer[suffix])}, which that layer lacks")
+            elif suffix not in layer:
+                found.append(f"it lacks {suffix}")
+            elif layer[suffix] != other[suffix]:
+                found.append(f"its {suffix} is {list(layer[suffix])}, not {list(other[suffix])}")
+        differences.append(found)
+    k = min(range(len(differences)), key=lambda i: len(differences[i]))
+    more = f", and {len(differences[k]) - 3} more" if len(differences[k]) > 3 else ""
+    return f"against the nearest, layer {k}: {', '.join(differences[k][:3])}{more}"
+
+
 def _settings(merge: dict[str, Any], sl: Slice, src: SliceSource | None) -> list[dict[str, Any] | None]:
     """Parameter settings, most specific first: slice source > slice > merge block."""
     return [src.params if src is not None else None, sl.params, merge.get("parameters")]
@@ -148,11 +279,11 @@ def _compute_dtype(merge: dict[str, Any], infos: list[Any]) -> str:
 
 def layered_plan(merge: dict[str, Any], slices: list[Slice], models: dict[str, Model], base: Model,
                  recipe_file: str) -> tuple[list[OutTensor], list[tuple[str, int]]]:
-    """passthrough and interleave: whole layers in slice order; every other module from the base."""
+    """passthrough and interleave: whole layers in slice order. The modules outside the layers come from the base;
+    for a passthrough without base_model, as in mergekit, the embeddings come from the first slice's model and the
+    rest (final norm, lm_head) from the last slice's, each scaled by its slice source's ``scale``."""
     tensors: list[OutTensor] = []
     layer_sources: list[tuple[str, int]] = []
-    base_layer_shapes = {name[len(base.prefix) + 1:].partition(".")[2]: info.shape
-                         for name, info in base.reader.tensors.items() if name.startswith(base.prefix + ".")}
     for s, sl in enumerate(slices):
         if len(sl.sources) != 1:
             raise RecipeError(recipe_file, f"merge.slices[{s}].sources", f"{merge['merge_method']} takes exactly "
@@ -164,29 +295,46 @@ def layered_plan(merge: dict[str, Any], slices: list[Slice], models: dict[str, M
             layer_sources.append((src.model, layer))
             t = layer_position(layer - src.start, src.end - src.start)
             head = f"{model.prefix}.{layer}."
-            for name, info in model.reader.tensors.items():
-                if not name.startswith(head):
-                    continue
-                suffix = name[len(head):]
-                if base_layer_shapes.get(suffix, info.shape) != info.shape:
-                    raise RecipeError(recipe_file, f"merge.slices[{s}]",
-                                      f"model '{src.model}' tensor {name} has shape {list(info.shape)}, the base "
-                                      f"model's layers have {list(base_layer_shapes[suffix])}; stacking needs "
-                                      "models of one architecture and width")
-                scale = resolve("scale", _settings(merge, sl, src), name, t, None)
-                tensors.append(_copy_tensor(merge, model, name, f"{base.prefix}.{out_layer}.{suffix}", scale))
-    for name in base.reader.tensors:
-        if not name.startswith(base.prefix + "."):
+            for name in model.reader.tensors:
+                if name.startswith(head):
+                    out_name = f"{base.prefix}.{out_layer}.{name[len(head):]}"
+                    scale = resolve("scale", _settings(merge, sl, src), out_name, t, None)
+                    tensors.append(_copy_tensor(merge, model, name, out_name, scale))
+    mergekit_ends = mergekit_passthrough(merge, base)
+    for name, info in base.reader.tensors.items():
+        if name.startswith(base.prefix + "."):
+            continue
+        if not mergekit_ends or info.dtype not in MERGEABLE:
             tensors.append(_copy_tensor(merge, base, name, name, None))
+            continue
+        s = 0 if _is_pre(name) else len(slices) - 1
+        src = slices[s].sources[0]
+        if name not in models[src.model].reader.tensors:
+            raise RecipeError(recipe_file, f"merge.slices[{s}].sources[0]",
+                              f"model '{src.model}' has no tensor {name}, which a passthrough without base_model "
+                              "takes from the last slice's model (as mergekit does); name a base_model to take "
+                              "every module outside the layers from it")
+        scale = resolve("scale", _settings(merge, slices[s], src), name, 0.0, None)
+        tensors.append(_copy_tensor(merge, models[src.model], name, name, scale))
     return tensors, layer_sources
+
+
+def mergekit_passthrough(merge: dict[str, Any], base: Model) -> bool:
+    """Whether a layered merge takes the modules outside the layers as mergekit's passthrough does (first and last
+    slice): a passthrough without base_model of a text-only model. mergekit 0.1.5 refuses ``slices:`` on a model
+    with a vision or audio tower, so such a model, interleave and a named base_model take them from the base."""
+    towers = any(isinstance(base.config.get(key), dict) for key in TOWER_CONFIGS)
+    return merge["merge_method"] == "passthrough" and merge.get("base_model") is None and not towers
 
 
 def _copy_tensor(merge: dict[str, Any], model: Model, name: str, out_name: str, scale: float | None) -> OutTensor:
     info = model.reader.tensors[name]
     dtype = _compute_dtype(merge, [info])
     out_dtype = TORCH_DTYPES[merge["out_dtype"]] if merge.get("out_dtype") else dtype
-    if info.dtype == out_dtype == dtype and scale is None:
-        return OutTensor(out_name, out_dtype, info.shape, lambda: model.reader.raw(name))
+    inputs = ((model.name, name),)
+    if info.dtype not in MERGEABLE or info.dtype == out_dtype == dtype and scale is None:
+        # the bytes as they are: an unchanged tensor, or an integer or boolean buffer (never converted or scaled)
+        return OutTensor(out_name, info.dtype, info.shape, lambda: model.reader.raw(name), inputs)
 
     def convert() -> Any:
         t = model.reader.tensor(name).to(_torch_dtype(dtype))
@@ -194,7 +342,7 @@ def _copy_tensor(merge: dict[str, Any], model: Model, name: str, out_name: str, 
             t = t * scale
         return _to_bytes(t, out_dtype)
 
-    return OutTensor(out_name, out_dtype, info.shape, convert)
+    return OutTensor(out_name, out_dtype, info.shape, convert, inputs)
 
 
 def _torch_dtype(code: str) -> Any:
@@ -239,8 +387,11 @@ def tensorwise_plan(merge: dict[str, Any], method: Method, slices: list[Slice], 
                     tensors.append(_merged_tensor(merge, method, sl, inputs, models, base_name,
                                                   f"{base.prefix}.{out_layer}.{suffix}",
                                                   layer_position(i, depth), recipe_file, s))
-    for name in base.reader.tensors:
+    for name, info in base.reader.tensors.items():
         if name.startswith(base.prefix + "."):
+            continue
+        if info.dtype not in MERGEABLE:
+            tensors.append(_copy_tensor(merge, base, name, name, None))
             continue
         sl = slices[0] if _is_pre(name) else slices[-1]
         inputs = [(src, name) for src in sl.sources]
@@ -253,6 +404,10 @@ def _merged_tensor(merge: dict[str, Any], method: Method, sl: Slice, inputs: lis
                    models: dict[str, Model], base_name: str | None, out_name: str, t: float, recipe_file: str,
                    s: int) -> OutTensor:
     present = [(src, name) for src, name in inputs if name in models[src.model].reader.tensors]
+    if any(models[src.model].reader.tensors[name].dtype not in MERGEABLE for src, name in present):
+        # an integer or boolean buffer in a layer: the bytes of the slice's base (else first) model
+        src, name = next(((src, name) for src, name in present if src.model == base_name), present[0])
+        return _copy_tensor(merge, models[src.model], name, out_name, None)
     missing = [f"'{src.model}'" for src, name in inputs if name not in models[src.model].reader.tensors]
     if missing and (base_name in [src.model for src, _ in present] or method.base != "required"):
         if len(present) == 1 and method.name in ("slerp", "nuslerp", "model_stock"):
@@ -276,7 +431,7 @@ def _merged_tensor(merge: dict[str, Any], method: Method, sl: Slice, inputs: lis
     for k, (src, name) in enumerate(present):
         wanted = {p: d for p, d in method.per_model.items() if not (k == base_index and p in method.non_base_only)}
         try:
-            per_model.append({p: resolve(p, _settings(merge, sl, src), name, t, d) for p, d in wanted.items()})
+            per_model.append({p: resolve(p, _settings(merge, sl, src), out_name, t, d) for p, d in wanted.items()})
         except KeyError as exc:
             raise RecipeError(recipe_file, f"merge: model '{src.model}' parameters.{exc.args[0]}",
                               f"{method.name} needs {exc.args[0]} for every model; set it on the model, the slice "
@@ -302,7 +457,8 @@ def _merged_tensor(merge: dict[str, Any], method: Method, sl: Slice, inputs: lis
             merged = method.fn(xs, base_index, per_model, shared, gens)
         return _to_bytes(merged.cpu(), out_dtype)
 
-    return OutTensor(out_name, out_dtype, infos[0].shape, compute)
+    return OutTensor(out_name, out_dtype, infos[0].shape, compute,
+                     tuple((src.model, name) for src, name in present))
 
 
 def merge_device() -> str:
@@ -351,9 +507,10 @@ def _source_list(config: dict[str, Any], path: list[str], key: str) -> list[Any]
 
 
 def copy_tokenizer(source: Path, dest: Path) -> list[str]:
+    from steps.hashing import model_files
     copied = []
-    for path in sorted(source.iterdir()):
-        if path.is_file() and path.name not in SKIP_FILES and not path.name.endswith(WEIGHT_SUFFIXES):
+    for path in model_files(source):
+        if path.parent == source and path.name not in SKIP_FILES and not path.name.endswith(WEIGHT_SUFFIXES):
             shutil.copyfile(path, dest / path.name)
             copied.append(path.name)
     return copied
@@ -378,12 +535,16 @@ def build(ctx: Context) -> None:
     try:
         slices = normalize_slices(merge, models, base_name)
         check_ranges(slices, models, recipe_file)
+        preflight(merge, slices, models, base, recipe_file)
         if method_name in LAYERED:
             tensors, layer_sources = layered_plan(merge, slices, models, base, recipe_file)
         else:
             tensors, layer_sources = tensorwise_plan(merge, get_method(method_name), slices, models, base,
                                                      base_name, recipe_file)
-        used = _inputs_used(tensors, slices, models, base, method_name in LAYERED)
+        used: dict[str, set[str]] = {m: set() for m in models}
+        for t in tensors:
+            for m, name in t.inputs:
+                used[m].add(name)
         left_out = {m: sorted(set(models[m].reader.tensors) - used[m]) for m in models}
         out = ctx.out / C.MERGED_DIR
         out.mkdir()
@@ -409,25 +570,8 @@ def build(ctx: Context) -> None:
 
 
 def _dtype_name(model: Model) -> str:
-    first = next(iter(model.reader.tensors.values()))
-    return {v: k for k, v in TORCH_DTYPES.items()}.get(first.dtype, "bfloat16")
-
-
-def _inputs_used(tensors: list[OutTensor], slices: list[Slice], models: dict[str, Model], base: Model,
-                 layered: bool) -> dict[str, set[str]]:
-    """Which input tensors the output draws on: layers named by the slices, other modules from the base (layered)
-    or from every model of the first and last slice (merged)."""
-    used: dict[str, set[str]] = {name: set() for name in models}
-    for sl in slices:
-        for src in sl.sources:
-            model = models[src.model]
-            heads = tuple(f"{model.prefix}.{i}." for i in range(src.start, src.end))
-            used[src.model].update(n for n in model.reader.tensors if n.startswith(heads))
-    outside = {t.name for t in tensors if not t.name.startswith(base.prefix + ".")}
-    donors = [base] if layered else [models[src.model] for sl in (slices[0], slices[-1]) for src in sl.sources]
-    for model in donors:
-        used[model.name].update(n for n in model.reader.tensors if n in outside)
-    return used
+    first = next((info.dtype for info in model.reader.tensors.values() if info.dtype in MERGEABLE), "BF16")
+    return {v: k for k, v in TORCH_DTYPES.items()}[first]
 
 
 class _progress:

@@ -77,11 +77,17 @@ def make_synthetic_llama(dest: Path, layers: int, hidden: int, inter: int, vocab
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
         "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
         "num_key_value_heads": 4, "vocab_size": vocab, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5}))
+    write_word_tokenizer(dest, vocab)
+    return dest
+
+
+def write_word_tokenizer(dest: Path, vocab: int) -> None:
+    """A word-level tokenizer.json of `vocab` entries (w1, w2, ...): a real tokenizer for models whose tests never
+    convert them to GGUF."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     words = Tokenizer(models.WordLevel({"<unk>": 0, **{f"w{i}": i for i in range(1, vocab)}}, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     words.save(str(dest / "tokenizer.json"))
-    return dest
 
 
 @pytest.fixture(scope="session")

@@ -74,6 +74,9 @@ merge:
 """)
     a, b, merged = state(tiny_llama), state(tiny_llama_b), state(out)
     expected: dict[str, torch.Tensor] = {k: v for k, v in a.items() if not k.startswith("model.layers.")}
+    # no base_model: as in mergekit, the final norm and lm_head come from the last slice, with its scale
+    for k in ("model.norm.weight", "lm_head.weight"):
+        expected[k] = (a[k].float() * 0.5).to(a[k].dtype)
     plan_ = [("a", 0, 1.0), ("a", 1, 1.0), ("a", 2, 1.0), ("b", 1, 1.0), ("b", 2, 1.0), ("b", 3, 1.0), ("a", 2, 0.5)]
     for new, (src, old, scale) in enumerate(plan_):
         model = a if src == "a" else b
@@ -144,6 +147,8 @@ def make_qwen35(dest: Path, seed: int) -> Path:
                         ("mtp.layers.0.mlp.up_proj.weight", (128, 64)), ("mtp.norm.weight", (64,))):
         tensors[name] = torch.randn(shape, generator=g)
     save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    from conftest import write_word_tokenizer
+    write_word_tokenizer(dest, 256)
     return dest
 
 

@@ -135,6 +135,21 @@ DETERMINISTIC = {
                                      {"sources": [{"model": "ft1", "layer_range": [1, 4],
                                                    "parameters": {"scale": [{"filter": "o_proj", "value": 0.5},
                                                                             {"value": 1.0}]}}]}]},
+    # two models, overlapping slices, per-source scale (a gradient too); no base_model: the embeddings come from the
+    # first slice's model, the final norm and lm_head from the last slice's, each with its source's scale at t = 0
+    "passthrough_stack": {"merge_method": "passthrough", "dtype": "float32",
+                          "slices": [{"sources": [{"model": "ft0", "layer_range": [0, 3],
+                                                   "parameters": {"scale": 0.9}}]},
+                                     {"sources": [{"model": "ft1", "layer_range": [1, 4],
+                                                   "parameters": {"scale": [0.5, 1.0]}}]},
+                                     {"sources": [{"model": "ft0", "layer_range": [2, 4]}]},
+                                     {"sources": [{"model": "ft1", "layer_range": [3, 4],
+                                                   "parameters": {"scale": [{"filter": "mlp", "value": 0.25},
+                                                                            {"value": [0.8, 1.2]}]}}]}]},
+    # base_model named: every module outside the layers comes from it (a deliberate difference, see below)
+    "passthrough_base": {"merge_method": "passthrough", "dtype": "float32", "base_model": "base",
+                         "slices": [{"sources": [{"model": "ft0", "layer_range": [0, 2]}]},
+                                    {"sources": [{"model": "ft1", "layer_range": [1, 4]}]}]},
     "bf16_ties": {"merge_method": "ties", "dtype": "bfloat16", "base_model": "base",
                   "models": [{"model": "ft0", "parameters": {"weight": 0.5, "density": 0.5}},
                              {"model": "ft1", "parameters": {"weight": 0.5, "density": 0.5}}]},
@@ -168,12 +183,12 @@ def test_matches_mergekit(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
     merge = DETERMINISTIC[case]
     got, want = tensors(ours(tmp_path, monkeypatch, family, merge)), tensors(theirs(tmp_path, family, merge))
     assert got.keys() == want.keys()
-    if merge["merge_method"] == "passthrough":
-        # Deliberate difference: modules outside the decoder layers come from the base (first) model here;
-        # mergekit takes the final norm and lm_head from the last slice's model.
-        first = tensors(family[merge["slices"][0]["sources"][0]["model"]])
+    if merge["merge_method"] == "passthrough" and "base_model" in merge:
+        # Deliberate difference: with base_model named, the modules outside the decoder layers come from it here;
+        # mergekit takes the embeddings from the first slice's model, the final norm and lm_head from the last's.
+        base = tensors(family[merge["base_model"]])
         for k in ("model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"):
-            assert torch.equal(got[k], first[k].float())
+            assert torch.equal(got[k], base[k].float())
             del got[k], want[k]
     # bf16: many magnitudes tie at the top-k threshold; which tied entries are kept is mergekit's argsort order
     # there and index order here (both keep exactly k), so the results differ by a few tied entries.
