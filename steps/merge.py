@@ -33,7 +33,7 @@ from steps.fetch import source_dir
 from steps.hashing import digest_value
 from steps.methods import LAYERED, Method, layer_position, resolve
 from steps.methods import get as get_method
-from steps.recipe import source_layer_count
+from steps.recipe import TEXT_CONFIGS, source_layer_count
 from steps.tensors import MERGEABLE, TORCH_DTYPES, ModelReader, OutTensor, write_model
 
 if TYPE_CHECKING:
@@ -472,26 +472,24 @@ def _seed(seed: int, tensor: str, model: str) -> int:
 
 def rewrite_config(base: Model, models: dict[str, Model], layer_sources: list[tuple[str, int]],
                    dtype: str) -> dict[str, Any]:
-    """The base config for the new depth: layer counts and every per-layer list follow the slices."""
+    """The base config for the new depth: the layer count and every per-layer list follow the slices, in the config
+    that owns the stacked layers only (the top level, or a multimodal model's text config), never in a vision or
+    audio config, whatever its numbers."""
     config = json.loads(json.dumps(base.config))
     n_out = len(layer_sources)
-
-    def fix(cfg: dict[str, Any], path: list[str]) -> None:
-        if not isinstance(cfg, dict):
-            return
+    for path in ([], *([key] for key in TEXT_CONFIGS if isinstance(config.get(key), dict))):
+        cfg = config
+        for part in path:
+            cfg = cfg[part]
         count_keys = [k for k in ("num_hidden_layers", "n_layer", "num_layers") if cfg.get(k) == base.n_layers]
-        if count_keys:
-            for k in count_keys:
-                cfg[k] = n_out
-            for key, value in list(cfg.items()):
-                if isinstance(value, list) and len(value) == base.n_layers and base.n_layers > 1:
-                    cfg[key] = [_source_list(models[m].config, path, key)[i] for m, i in layer_sources]
-        for key, value in cfg.items():
-            if isinstance(value, dict) and key.endswith("_config"):
-                fix(value, [*path, key])
-
-    fix(config, [])
-    for cfg in (config, config.get("text_config")):
+        if not count_keys:
+            continue
+        for k in count_keys:
+            cfg[k] = n_out
+        for key, value in list(cfg.items()):
+            if isinstance(value, list) and len(value) == base.n_layers and base.n_layers > 1:
+                cfg[key] = [_source_list(models[m].config, path, key)[i] for m, i in layer_sources]
+    for cfg in (config, *(config.get(key) for key in TEXT_CONFIGS)):
         if isinstance(cfg, dict):
             if "torch_dtype" in cfg:
                 cfg["torch_dtype"] = dtype

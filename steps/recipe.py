@@ -485,9 +485,13 @@ def _model_ref(check: _Checker, name: Any, key: str, sources: dict[str, Source])
                          "model directory")
 
 
+TEXT_CONFIGS = ("text_config", "llm_config", "language_config")   # where multimodal configs keep the text model's
+
+
 def source_layer_count(model_dir: Path) -> int | None:
+    """The decoder depth: the top-level config's, else its text config's (never a vision or audio config's)."""
     config = json.loads((model_dir / "config.json").read_text())
-    for cfg in (config, config.get("text_config") or {}):
+    for cfg in (config, *(config.get(key) or {} for key in TEXT_CONFIGS)):
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if isinstance(cfg.get(key), int):
                 return int(cfg[key])

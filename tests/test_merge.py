@@ -275,3 +275,35 @@ merge:
   slices:
     - sources: [{{model: a, layer_range: [0, 4]}}]
 """)
+
+
+def test_vision_config_with_the_text_depth_keeps_its_depth(stores: Path) -> None:
+    """An InternVL-style model whose vision tower has as many layers as its language model (4 and 4): stacking the
+    language model to 8 layers leaves the vision config at 4, and transformers loads every vision tensor."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    from conftest import write_word_tokenizer
+    torch.manual_seed(0)
+    config = InternVLConfig(
+        text_config=dict(model_type="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                           image_size=28, patch_size=14))
+    src = stores / "internvl"
+    InternVLForConditionalGeneration(config).save_pretrained(src)
+    write_word_tokenizer(src, 256)
+    out, _ = run_merge(stores, f"""
+sources:
+  a: {{path: {src}}}
+merge:
+  merge_method: passthrough
+  slices:
+    - sources: [{{model: a, layer_range: [0, 4]}}]
+    - sources: [{{model: a, layer_range: [0, 4]}}]
+""")
+    merged = json.loads((out / "config.json").read_text())
+    assert merged["text_config"]["num_hidden_layers"] == 8
+    assert merged["vision_config"]["num_hidden_layers"] == 4
+    model, info = InternVLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert len(model.model.vision_tower.encoder.layer) == 4 and len(model.model.language_model.layers) == 8
