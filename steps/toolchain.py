@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -271,10 +272,11 @@ def smoke_load(gguf: Path, *, mmproj: Path | None = None, image: Path | None = N
         run(argv, what=f"load check {gguf.name}", stream=False)
     except StepFailed as exc:
         tail = str(exc).split("output (last lines):\n", 1)[-1].split("\n  nothing was written")[0]
-        lines = [line for line in tail.splitlines() if line.strip()]
+        lines = [re.sub(r"^[0-9.]+ [EWI] ", "", line.strip()) for line in tail.splitlines() if line.strip()]
         errors = [line for line in lines if "error" in line.lower() or "failed" in line.lower()] or lines[-3:]
+        reason = " | ".join(errors[:2]).replace(str(gguf.parent) + "/", "")
         raise StepFailed(f"llama.cpp cannot load {gguf.name}{' with ' + mmproj.name if mmproj else ''}: "
-                         f"{' | '.join(e.strip() for e in errors[-3:])}; the file was not kept (nothing reached "
+                         f"{reason}; the file was not kept (nothing reached "
                          "build/ or the store). Check the merged config against its tensors, e.g. gguf.mtp for a "
                          "model whose MTP head is missing, and run doit again") from None
 
