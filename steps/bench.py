@@ -1,6 +1,7 @@
-"""bench: the scoreboard. For the unquantized GGUF and each quant: file size, llama-perplexity PPL on held-out
-text, and the KL-divergence of each quant's token distributions against the unquantized model's, computed from
-the log-probabilities llama-perplexity saves (the same compressed form its own --kl-divergence mode reads).
+"""bench: one variant's figures, ``bench/<variant>.json`` (the scoreboard stage gathers them). For the unquantized
+GGUF and each quant: file size, llama-perplexity PPL on held-out text, and the KL-divergence of each quant's token
+distributions against the unquantized model's, computed from the log-probabilities llama-perplexity saves (the
+same compressed form its own --kl-divergence mode reads).
 
     python -m steps.bench demo                   # run the bench stage of recipes/demo.yaml
 """
@@ -137,10 +138,12 @@ def build(ctx: Context) -> None:
         rows.append(_row(name, ctx, {"type": dep.rsplit("-", 1)[-1], **scores(quant, base)}))
         quant.path.unlink()
     base.path.unlink()
-    board = {"schema": C.SCHEMA_VERSION, "recipe": stage.recipe.name,
+    board = {"schema": C.SCHEMA_VERSION, "recipe": stage.recipe.name, "variant": stage.name,
              "settings": {"heldout_digest": ctx.cache.digest(heldout), **stage.params},
              "llama_cpp": stage.tools().get("llama.cpp"), "models": rows}
-    (ctx.out / C.SCOREBOARD).write_text(json.dumps(board, indent=1) + "\n")
+    out = ctx.out / stage.outputs[0]
+    out.parent.mkdir(parents=True)
+    out.write_text(json.dumps(board, indent=1) + "\n")
 
 
 def _row(name: str, ctx: Context, values: dict[str, Any]) -> dict[str, Any]:

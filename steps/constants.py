@@ -21,7 +21,9 @@ STAGE_VERSIONS = {
     "convert":  2,
     "imatrix":  2,
     "quantize": 1,
-    "bench":    1,
+    "bench":    2,
+    "heal":     1,
+    "scoreboard": 1,
 }
 
 # Python packages whose versions enter each stage's key (llama.cpp's version is added for the llama.cpp stages).
@@ -32,6 +34,8 @@ STAGE_PACKAGES = {
     "imatrix":  (),
     "quantize": (),
     "bench":    (),
+    "heal":     ("torch", "transformers", "peft", "bitsandbytes", "safetensors"),
+    "scoreboard": (),
 }
 LLAMA_CPP_STAGES = ("convert", "imatrix", "quantize", "bench")
 
@@ -42,7 +46,11 @@ BF16_GGUF       = "{recipe}-{outtype}.gguf"
 IMATRIX_FILE    = "{recipe}-imatrix.gguf"
 QUANT_GGUF      = "{recipe}-{qtype}.gguf"
 MMPROJ_GGUF     = "{recipe}-mmproj-{outtype}.gguf"
+BENCH_FILE      = "bench/{variant}.json"
 SCOREBOARD      = "scoreboard.json"
+SCOREBOARD_MD   = "scoreboard.md"
+HEALED_DIR      = "healed"
+HEALED_SUFFIX   = "-healed"
 LOCK_FILE       = "lock.json"
 MANIFEST_DIR    = ".mf"
 
@@ -53,4 +61,5 @@ GGUF_KEY_SOURCES = "mergeforge.sources"
 GGUF_KEY_VERSION = "mergeforge.version"
 
 SCHEMA_VERSION = 1
+SCOREBOARD_SCHEMA = 2
 DEFAULT_SHARD_BYTES = 5_000_000_000

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 def build(ctx: Context) -> None:
     stage = ctx.stage
     chain = toolchain.locate()
-    merged = stage.build_dir / C.MERGED_DIR
+    merged = stage.build_dir / stage.params["model"]          # merged/, or healed/ for the healed variant
     name = stage.outputs[0]
     classes = toolchain.converter_classes(merged)
     if "error" in classes["text"]:
@@ -43,7 +43,7 @@ def build(ctx: Context) -> None:
     provenance = _provenance(ctx)
     raw = ctx.out.parent / f"raw-{name}"
     toolchain.run([sys.executable, str(chain.converter), str(merged), "--outtype", stage.params["outtype"],
-                   "--outfile", str(raw), "--model-name", stage.recipe.name, *mtp_args],
+                   "--outfile", str(raw), "--model-name", stage.name, *mtp_args],
                   what=f"convert {stage.recipe.name}", env=chain.converter_env())
     add_metadata(raw, ctx.out / name, provenance)
     raw.unlink()
@@ -56,10 +56,10 @@ def build(ctx: Context) -> None:
                           f"llama.cpp's converter writes no projector for it ({classes['mmproj']['error']}); set "
                           "gguf.mmproj: off to convert the text model alone")
     outtype = stage.params["mmproj_outtype"]
-    proj = C.MMPROJ_GGUF.format(recipe=stage.recipe.name, outtype=outtype.upper())
+    proj = C.MMPROJ_GGUF.format(recipe=stage.name, outtype=outtype.upper())
     raw = ctx.out.parent / f"raw-{proj}"
     toolchain.run([sys.executable, str(chain.converter), str(merged), "--mmproj", "--outtype", outtype,
-                   "--outfile", str(raw), "--model-name", stage.recipe.name],
+                   "--outfile", str(raw), "--model-name", stage.name],
                   what=f"convert {stage.recipe.name} (vision projector)", env=chain.converter_env())
     add_metadata(raw, ctx.out / proj, provenance)
     raw.unlink()

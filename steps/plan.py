@@ -86,6 +86,16 @@ class Stage:
         return tools
 
 
+def variants(recipe: Recipe) -> list[tuple[str, str, str]]:
+    """The models a recipe turns into GGUFs: (variant name, the stage that makes it, its directory in build/).
+    The raw merge is ``<recipe>``; the healed model, when the recipe heals, ``<recipe>-healed``."""
+    n = recipe.name
+    found = [(n, f"merge:{n}", C.MERGED_DIR)]
+    if recipe.heal is not None:
+        found.append((f"{n}{C.HEALED_SUFFIX}", f"heal:{n}", C.HEALED_DIR))
+    return found
+
+
 def plan(recipe: Recipe) -> list[Stage]:
     n = recipe.name
     stages = [Stage("fetch", n, recipe, {k: s.spec for k, s in recipe.sources.items()},
@@ -93,28 +103,43 @@ def plan(recipe: Recipe) -> list[Stage]:
                                   if s.kind != "path"))]
     stages.append(Stage("merge", n, recipe, recipe.merge, deps=(f"fetch:{n}",),
                         outputs=(f"{C.MERGED_DIR}/config.json",)))
-    gguf_name = C.BF16_GGUF.format(recipe=n, outtype=recipe.gguf["outtype"].upper())
-    stages.append(Stage("convert", n, recipe, {**recipe.gguf, "recipe": n}, deps=(f"merge:{n}",),
-                        outputs=(gguf_name,)))
-    upstream: tuple[str, ...] = (f"convert:{n}",)
+    if recipe.heal is not None:
+        stages.append(Stage("heal", n, recipe, recipe.heal, deps=(f"merge:{n}",), files=recipe.heal_files,
+                            outputs=(f"{C.HEALED_DIR}/config.json",)))
+    benches = []
+    for v, made_by, model_dir in variants(recipe):
+        stages += _variant_stages(recipe, v, made_by, model_dir)
+        benches += [st.id for st in stages if st.kind == "bench" and st.name == v]
+    if benches:
+        stages.append(Stage("scoreboard", n, recipe, {"variants": [v for v, _, _ in variants(recipe)]},
+                            deps=tuple(benches), outputs=(C.SCOREBOARD, C.SCOREBOARD_MD)))
+    return stages
+
+
+def _variant_stages(recipe: Recipe, v: str, made_by: str, model_dir: str) -> list[Stage]:
+    """convert, imatrix, each quant and bench of one variant."""
+    gguf_name = C.BF16_GGUF.format(recipe=v, outtype=recipe.gguf["outtype"].upper())
+    stages = [Stage("convert", v, recipe, {**recipe.gguf, "recipe": v, "model": model_dir}, deps=(made_by,),
+                    outputs=(gguf_name,))]
+    upstream: tuple[str, ...] = (f"convert:{v}",)
     if recipe.imatrix is not None:
-        params = {k: v for k, v in recipe.imatrix.items() if k != "calibration"}
-        stages.append(Stage("imatrix", n, recipe, params, deps=upstream,
+        params = {k: val for k, val in recipe.imatrix.items() if k != "calibration"}
+        stages.append(Stage("imatrix", v, recipe, params, deps=upstream,
                             files={"calibration": recipe.calibration} if recipe.calibration else {},
-                            outputs=(C.IMATRIX_FILE.format(recipe=n),)))
-        upstream = (*upstream, f"imatrix:{n}")
+                            outputs=(C.IMATRIX_FILE.format(recipe=v),)))
+        upstream = (*upstream, f"imatrix:{v}")
     quants = []
     for qname in recipe.quantize:
         spec = recipe.quant_specs.get(qname, {"type": qname})
-        quant = Stage("quantize", f"{n}-{qname}", recipe, spec, deps=upstream,
-                      outputs=(C.QUANT_GGUF.format(recipe=n, qtype=qname),))
+        quant = Stage("quantize", f"{v}-{qname}", recipe, spec, deps=upstream,
+                      outputs=(C.QUANT_GGUF.format(recipe=v, qtype=qname),))
         quants.append(quant.id)
         stages.append(quant)
     if recipe.bench is not None:
-        params = {k: v for k, v in recipe.bench.items() if k != "heldout"}
-        stages.append(Stage("bench", n, recipe, params, deps=(f"convert:{n}", *quants),
+        params = {k: val for k, val in recipe.bench.items() if k != "heldout"}
+        stages.append(Stage("bench", v, recipe, params, deps=(f"convert:{v}", *quants),
                             files={"heldout": recipe.heldout} if recipe.heldout else {},
-                            outputs=(C.SCOREBOARD,)))
+                            outputs=(C.BENCH_FILE.format(variant=v),)))
     return stages
 
 

@@ -19,7 +19,7 @@ import yaml
 from steps.constants import GGUF_OUTTYPES, MMPROJ_MODES, MTP_MODES, NEEDS_IMATRIX, QUANT_TYPES
 from steps.errors import RecipeError
 
-TOP_KEYS = ("name", "description", "sources", "merge", "gguf", "imatrix", "quantize", "bench")
+TOP_KEYS = ("name", "description", "sources", "merge", "gguf", "imatrix", "quantize", "heal", "bench")
 SOURCE_KEYS = ("path", "package", "sha256", "file", "hf", "revision", "trust_remote_code")
 MERGE_KEYS = ("merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype",
               "tokenizer_source", "tokenizer", "chat_template", "shard_bytes", "random_seed")
@@ -63,6 +63,8 @@ class Recipe:
     calibration: Path | None = None
     heldout: Path | None = None
     quant_specs: dict[str, dict[str, Any]] = field(default_factory=dict)   # quant name -> llama-quantize options
+    heal: dict[str, Any] | None = None                                      # the normalized heal: block
+    heal_files: dict[str, Path] = field(default_factory=dict)              # its local data files, by role
 
 
 def did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
@@ -239,7 +241,12 @@ def load(file: str | Path) -> Recipe:
                              "calibration text, or pick a type such as Q4_K_M")
     bench, heldout = _text_block(check, raw.get("bench"), "bench", BENCH_KEYS, "heldout",
                                  "a held-out text file for perplexity", {"context": 512, "chunks": 8}, base)
-    return Recipe(name, file, sources, merge, gguf, imatrix, quantize, bench, calibration, heldout, quant_specs)
+    heal, heal_files = None, {}
+    if raw.get("heal") is not None:
+        from steps import heal as heal_stage
+        heal, heal_files = heal_stage.validate(check, raw["heal"], base)
+    return Recipe(name, file, sources, merge, gguf, imatrix, quantize, bench, calibration, heldout, quant_specs,
+                  heal, heal_files)
 
 
 def _sources(check: _Checker, value: Any, base: Path) -> dict[str, Source]:

@@ -13,7 +13,7 @@ from conftest import ROOT, Workspace, generate
 pytestmark = [pytest.mark.slow, pytest.mark.demo]
 
 STAGES = ["fetch:demo", "merge:demo", "convert:demo", "imatrix:demo", "quantize:demo-Q4_K_M",
-          "quantize:demo-Q8_0", "bench:demo"]
+          "quantize:demo-Q8_0", "bench:demo", "scoreboard:demo"]
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -29,7 +29,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory, llama_cpp) -> Workspace:  # t
 def test_demo_builds_and_scores(demo: Workspace, llama_cpp) -> None:  # type: ignore[no-untyped-def]
     out = demo.build / "demo"
     board = json.loads((out / "scoreboard.json").read_text())
-    rows = {r["type"]: r for r in board["models"]}
+    rows = {r["type"]: r for r in board["models"] if r["variant"] == "demo"}
     assert set(rows) == {"base", "Q4_K_M", "Q8_0"}
     for qtype in ("Q4_K_M", "Q8_0"):
         assert 1 < rows[qtype]["ppl"] < 100 and 0 < rows[qtype]["kld_mean"] < 1

@@ -17,7 +17,7 @@ from conftest import DATA, ROOT, Workspace, generate, llama_cpp_with_quantize
 pytestmark = pytest.mark.slow
 
 ALL_STAGES = ["fetch:tiny", "merge:tiny", "convert:tiny", "imatrix:tiny", "quantize:tiny-Q4_K_M",
-              "quantize:tiny-Q8_0", "bench:tiny"]
+              "quantize:tiny-Q8_0", "bench:tiny", "scoreboard:tiny"]
 
 
 def tiny_recipe(model: Path, quants: str = "[Q4_K_M, Q8_0]", chunks: int = 4) -> str:
@@ -51,7 +51,7 @@ def built_events(ws: Workspace) -> list[str]:
 def test_first_build_makes_every_artifact(built: Workspace, llama_cpp) -> None:  # type: ignore[no-untyped-def]
     out = built.build / "tiny"
     board = json.loads((out / "scoreboard.json").read_text())
-    assert board["schema"] == 1
+    assert board["schema"] == 2 and board["variants"] == ["tiny"]
     rows = {row["type"]: row for row in board["models"]}
     assert set(rows) == {"base", "Q4_K_M", "Q8_0"}
     for qtype in ("Q4_K_M", "Q8_0"):
@@ -88,7 +88,7 @@ def test_touching_sources_and_artifacts_executes_nothing(built: Workspace, tiny_
 def test_new_quant_type_runs_only_that_quant_and_the_scoreboard(built: Workspace, tiny_llama: Path) -> None:
     built.write_recipe("tiny", tiny_recipe(tiny_llama, quants="[Q4_K_M, Q8_0, Q5_K_M]"))
     again = built.doit()
-    assert again.executed == ["quantize:tiny-Q5_K_M", "bench:tiny"]
+    assert again.executed == ["quantize:tiny-Q5_K_M", "bench:tiny", "scoreboard:tiny"]
     rows = json.loads((built.build / "tiny" / "scoreboard.json").read_text())["models"]
     assert [r["type"] for r in rows] == ["base", "Q4_K_M", "Q8_0", "Q5_K_M"]
 
@@ -97,12 +97,14 @@ def test_imatrix_change_then_revert_restores_from_store(built: Workspace, tiny_l
     before = json.loads((built.build / "tiny" / "lock.json").read_text())["artifacts"]
     built.write_recipe("tiny", tiny_recipe(tiny_llama, chunks=2))
     changed = built.doit()
-    assert changed.executed == ["imatrix:tiny", "quantize:tiny-Q4_K_M", "quantize:tiny-Q8_0", "bench:tiny"]
+    assert changed.executed == ["imatrix:tiny", "quantize:tiny-Q4_K_M", "quantize:tiny-Q8_0", "bench:tiny",
+                                "scoreboard:tiny"]
     entries = built.store_entries()
     n_built = len(built_events(built))
     built.write_recipe("tiny", tiny_recipe(tiny_llama, chunks=4))
     reverted = built.doit()
-    assert reverted.executed == ["imatrix:tiny", "quantize:tiny-Q4_K_M", "quantize:tiny-Q8_0", "bench:tiny"]
+    assert reverted.executed == ["imatrix:tiny", "quantize:tiny-Q4_K_M", "quantize:tiny-Q8_0", "bench:tiny",
+                                 "scoreboard:tiny"]
     assert len(built_events(built)) == n_built, "a reverted change must restore, not rebuild"
     assert built.store_entries() == entries
     assert "imatrix tiny:" not in reverted.output and "quantize tiny-" not in reverted.output  # no llama.cpp ran
@@ -117,7 +119,7 @@ def test_identical_bytes_keep_downstream_up_to_date(built: Workspace, tiny_llama
     built.write_recipe("tiny", tiny_recipe(copy))
     again = built.doit()
     assert again.executed == ["fetch:tiny"]
-    assert "merge:tiny" in again.uptodate and "bench:tiny" in again.uptodate
+    assert "merge:tiny" in again.uptodate and "scoreboard:tiny" in again.uptodate
 
 
 def test_source_edit_rebuilds_downstream(built: Workspace, tiny_llama: Path) -> None:
