@@ -6,6 +6,8 @@ steps.store.execute, which restores a stage from the content-keyed store or buil
     doit                          # build every recipe in recipes/ (MERGEFORGE_RECIPES to point elsewhere)
     doit quantize:demo-Q4_K_M     # one target and what it needs
     doit list --all / doit info merge:demo / doit forget / doit clean
+    MERGEFORGE_UPDATE=1 doit      # resolve Hub sources' revisions again (else build/<recipe>/lock.json's commits)
+    doit publish:demo             # upload to the Hub repos of the recipe's publish: block (never by default)
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ DOIT_CONFIG = {
     "continue": True,             # a failing recipe (or quant) does not stop the others
 }
 STAGE_DOCS = {
-    "fetch": "pin each recipe's sources (local models by digest; packaged GGUFs imported to safetensors)",
+    "fetch": "pin each recipe's sources (local models by digest; Hub repos to a locked commit; packaged GGUFs "
+             "imported to safetensors)",
     "merge": "merge the sources per the recipe's mergekit-style merge block (streamed safetensors)",
     "convert": "convert the merged model to a GGUF with llama.cpp's converter, with provenance metadata",
     "imatrix": "compute an importance matrix with llama-imatrix on the recipe's calibration text",
@@ -121,7 +124,9 @@ def _task(stage: Stage) -> dict[str, object]:
         "actions": [(_run, [stage])],
         "file_dep": [str(s.target) for s in STAGES if s.id in stage.deps] + [str(p) for p in stage.files.values()],
         "task_dep": ["toolchain"] if stage.kind in LLAMA_CPP_KINDS else [],
-        "targets": [str(stage.target), *(str(stage.build_dir / out) for out in stage.outputs)],
+        # a GGUF split into parts has no file of its nominal name: its manifest (the first target) stands for it
+        "targets": [str(stage.target), *(str(stage.build_dir / out) for out in stage.outputs
+                                         if "split_max_size" not in stage.params)],
         "uptodate": uptodate,
         "clean": True,
         "doc": f"{stage.id}",
@@ -210,3 +215,30 @@ def task_gc():  # type: ignore[no-untyped-def]
             "params": [{"name": "keep", "long": "keep", "type": int,
                         "default": int(os.environ.get("MERGEFORGE_GC_KEEP", "3")),
                         "help": "recent store entries kept per stage besides the current ones (MERGEFORGE_GC_KEEP)"}]}
+
+
+def _publish(recipe: Recipe, dry_run: bool) -> TaskFailed | None:
+    from steps.publish import publish
+    try:
+        for line in publish(recipe, dry_run=dry_run):
+            print(line)
+    except MergeforgeError as exc:
+        return TaskFailed(user_message(exc))
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return TaskFailed(f"mergeforge: publish:{recipe.name}: {where}{exc.strerror or exc}; fix the cause and run it "
+                          "again (files already on the Hub are skipped)")
+    return None
+
+
+def task_publish():  # type: ignore[no-untyped-def]
+    """upload each recipe's publish: artifacts to the Hub (never by default; builds what it uploads first)"""
+    from steps.publish import needs
+    yield {"basename": "publish", "name": None, "task_dep": ["recipes"],
+           "doc": "upload the model and GGUFs each recipe's publish: block names to the Hub (not default)"}
+    for recipe in RECIPES:
+        if recipe.publish is not None:
+            yield {"name": recipe.name, "actions": [(_publish, [recipe])], "task_dep": needs(recipe),
+                   "uptodate": [False], "verbosity": 2, "doc": f"publish:{recipe.name}",
+                   "params": [{"name": "dry_run", "long": "dry-run", "type": bool, "default": False,
+                               "help": "print what would be uploaded and skipped; upload nothing"}]}

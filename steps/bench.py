@@ -133,7 +133,7 @@ def build(ctx: Context) -> None:
     for dep in stage.deps:
         if not dep.startswith("quantize:"):
             continue
-        (name,) = ctx.inputs[dep]["outputs"]
+        name = ctx.inputs[dep].get("main") or next(iter(ctx.inputs[dep]["outputs"]))
         quant = logprobs(stage.build_dir / name, heldout, stage.params, ctx.out.parent / "quant.logprobs")
         rows.append(_row(name, ctx, {"type": dep.rsplit("-", 1)[-1], **scores(quant, base)}))
         quant.path.unlink()
@@ -147,8 +147,10 @@ def build(ctx: Context) -> None:
 
 
 def _row(name: str, ctx: Context, values: dict[str, Any]) -> dict[str, Any]:
-    info = next(info for dep in ctx.inputs.values() for rel, info in dep["outputs"].items() if rel == name)
-    return {"file": name, "size": info["size"], "digest": info["digest"], **values}
+    """A GGUF's row: its size (all parts of a split GGUF) and digest (its first part's)."""
+    outputs = next(dep["outputs"] for dep in ctx.inputs.values() if name in dep["outputs"])
+    parts = [info for rel, info in outputs.items() if rel.endswith(".gguf") and "mmproj" not in rel]
+    return {"file": name, "size": sum(p["size"] for p in parts), "digest": outputs[name]["digest"], **values}
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def build(ctx: Context) -> None:
     add_metadata(raw, ctx.out / name, provenance)
     raw.unlink()
     toolchain.smoke_load(ctx.out / name)
-    ctx.record["main"] = name
+    ctx.record["main"] = toolchain.split_gguf(ctx.out / name, stage.params.get("split_max_size"))[0].name
     if stage.params["mmproj"] == "off" or not has_vision(merged):
         return
     if "error" in classes["mmproj"]:

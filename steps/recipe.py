@@ -19,13 +19,19 @@ import yaml
 from steps.constants import GGUF_OUTTYPES, MMPROJ_MODES, MTP_MODES, NEEDS_IMATRIX, QUANT_TYPES
 from steps.errors import RecipeError
 
-TOP_KEYS = ("name", "description", "sources", "merge", "gguf", "imatrix", "quantize", "heal", "bench")
-SOURCE_KEYS = ("path", "package", "sha256", "file", "hf", "revision", "trust_remote_code")
+TOP_KEYS = ("name", "description", "sources", "merge", "gguf", "imatrix", "quantize", "heal", "bench", "publish")
+SOURCE_KEYS = ("path", "package", "sha256", "file", "hf", "revision", "allow_pickle", "trust_remote_code")
+SOURCE_KIND_KEYS = {"path": ("path",), "package": ("package", "sha256", "file"),
+                    "hf": ("hf", "revision", "allow_pickle")}     # trust_remote_code: any kind (never run here)
+REVISION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/+-]{0,254}")
+PUBLISH_KEYS = ("model", "gguf", "quants", "variant", "split_bytes", "private", "license")
+PUBLISH_VARIANTS = ("merged", "healed")
+PUBLISH_SPLIT_BYTES = 50_000_000_000      # the Hub's largest file: GGUFs above it are split with llama-gguf-split
 MERGE_KEYS = ("merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype",
               "tokenizer_source", "tokenizer", "chat_template", "shard_bytes", "random_seed")
 SLICE_KEYS = ("sources", "parameters")
 SLICE_SOURCE_KEYS = ("model", "layer_range", "parameters")
-GGUF_KEYS = ("outtype", "mtp", "mmproj", "mmproj_outtype")
+GGUF_KEYS = ("outtype", "mtp", "mmproj", "mmproj_outtype", "split_max_size")
 IMATRIX_KEYS = ("calibration", "chunks", "context")
 QUANT_KEYS = ("type", "name", "tensor_type", "output_tensor_type", "token_embedding_type", "override_kv")
 # ggml tensor types llama-quantize takes for --tensor-type, --output-tensor-type and --token-embedding-type
@@ -65,6 +71,7 @@ class Recipe:
     quant_specs: dict[str, dict[str, Any]] = field(default_factory=dict)   # quant name -> llama-quantize options
     heal: dict[str, Any] | None = None                                      # the normalized heal: block
     heal_files: dict[str, Path] = field(default_factory=dict)              # its local data files, by role
+    publish: dict[str, Any] | None = None                                   # the normalized publish: block
 
 
 def did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
@@ -227,6 +234,10 @@ def load(file: str | Path) -> Recipe:
             value = str(gguf[key])
             raise check.fail(f"gguf.{key}", f"unknown value {value!r}{did_you_mean(value, choices)}; one of "
                              f"{', '.join(choices)}")
+    if "split_max_size" in gguf and not (isinstance(gguf["split_max_size"], str)
+                                         and re.fullmatch(r"[1-9][0-9]*[MG]", gguf["split_max_size"])):
+        raise check.fail("gguf.split_max_size", f"expected a size such as 50G or 500M (llama-gguf-split's form), "
+                         f"got {gguf['split_max_size']!r}")
     imatrix, calibration = _text_block(check, raw.get("imatrix"), "imatrix", IMATRIX_KEYS, "calibration",
                                        "a calibration text file", {"chunks": 32, "context": 512}, base)
     quant_specs = _quantize(check, raw.get("quantize", []))
@@ -245,8 +256,9 @@ def load(file: str | Path) -> Recipe:
     if raw.get("heal") is not None:
         from steps import heal as heal_stage
         heal, heal_files = heal_stage.validate(check, raw["heal"], base)
+    publish = _publish(check, raw.get("publish"), quantize, gguf, heal)
     return Recipe(name, file, sources, merge, gguf, imatrix, quantize, bench, calibration, heldout, quant_specs,
-                  heal, heal_files)
+                  heal, heal_files, publish)
 
 
 def _sources(check: _Checker, value: Any, base: Path) -> dict[str, Source]:
@@ -263,6 +275,11 @@ def _sources(check: _Checker, value: Any, base: Path) -> dict[str, Source]:
         if len(kinds) != 1:
             raise check.fail(key, "give exactly one of path:, package: or hf:")
         kind = kinds[0]
+        for k in spec:
+            if k not in (*SOURCE_KIND_KEYS[kind], "trust_remote_code"):
+                owner = next(o for o, keys in SOURCE_KIND_KEYS.items() if k in keys)
+                raise check.fail(f"{key}.{k}", f"applies to {owner}: sources only, this one is a {kind}: source; "
+                                 "remove it")
         if kind == "path":
             path = (base / check.typed(spec["path"], f"{key}.path", str, "a directory")).resolve()
             out[name] = Source(name, kind, {"path": str(path)}, path)
@@ -277,9 +294,70 @@ def _sources(check: _Checker, value: Any, base: Path) -> dict[str, Source]:
                 raise check.fail(f"{key}.sha256", "expected 64 lower-case hex digits")
             out[name] = Source(name, kind, spec)
         else:
-            raise check.fail(f"{key}.hf", "hub sources are not supported yet; download the model (e.g. with "
-                             "`hf download`) and give its directory as path:")
+            out[name] = Source(name, kind, _hub_source(check, spec, key))
     return out
+
+
+def _hub_repo(check: _Checker, value: Any, key: str) -> str:
+    from steps.hub import REPO_RE
+    if not isinstance(value, str) or not REPO_RE.fullmatch(value) or "--" in value or ".." in value:
+        raise check.fail(key, f"expected a Hub repository id such as org/name, got {value!r}")
+    return value
+
+
+def _hub_source(check: _Checker, spec: dict[str, Any], key: str) -> dict[str, Any]:
+    """{hf: org/name, revision: branch | tag | commit (default main), allow_pickle: bool}, normalized."""
+    repo = _hub_repo(check, spec["hf"], f"{key}.hf")
+    revision = spec.get("revision", "main")
+    if not isinstance(revision, str) or not REVISION_RE.fullmatch(revision) or ".." in revision or "//" in revision:
+        hint = " (quote it: YAML read it as a number)" if isinstance(revision, (int, float)) else ""
+        raise check.fail(f"{key}.revision", f"expected a branch, tag or commit of {repo}, e.g. main or a 40-digit "
+                         f"commit, got {revision!r}{hint}")
+    allow = spec.get("allow_pickle", False)
+    if not isinstance(allow, bool):
+        raise check.fail(f"{key}.allow_pickle", f"expected true or false, got {allow!r}")
+    return {"hf": repo, "revision": revision, **({"allow_pickle": True} if allow else {})}
+
+
+def _publish(check: _Checker, value: Any, quantize: tuple[str, ...], gguf: dict[str, Any],
+             heal: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The publish: block (`doit publish:<recipe>`): the Hub repositories for the safetensors model and the GGUFs,
+    which GGUFs (the unquantized one by its outtype, e.g. BF16, and quant names), normalized with defaults."""
+    if value is None:
+        return None
+    spec = dict(check.mapping(value, "publish", PUBLISH_KEYS))
+    if "model" not in spec and "gguf" not in spec:
+        raise check.fail("publish", "name a Hub repository: model: org/name (the safetensors model) and/or gguf: "
+                         "org/name-GGUF (the GGUF files)")
+    for k in ("model", "gguf"):
+        if k in spec:
+            _hub_repo(check, spec[k], f"publish.{k}")
+    if "model" in spec and spec.get("model") == spec.get("gguf"):
+        raise check.fail("publish.gguf", f"is also publish.model ({spec['model']}); give the GGUFs a repository of "
+                         "their own, e.g. org/name-GGUF")
+    names = [gguf["outtype"].upper(), *quantize]
+    quants = spec.setdefault("quants", names)
+    if not isinstance(quants, list) or not quants:
+        raise check.fail("publish.quants", f"expected a list of GGUFs to upload, from {', '.join(names)}")
+    for i, q in enumerate(quants):
+        found = next((n for n in names if isinstance(q, str) and n.upper() == q.upper()), None)
+        if found is None:
+            raise check.fail(f"publish.quants[{i}]", f"unknown GGUF {q!r}{did_you_mean(str(q), names)}; one of "
+                             f"{', '.join(names)} ({names[0]} is the unquantized GGUF)")
+        quants[i] = found
+    variant = spec.setdefault("variant", "healed" if heal is not None else "merged")
+    if variant not in PUBLISH_VARIANTS or (variant == "healed" and heal is None):
+        raise check.fail("publish.variant", f"expected {' or '.join(PUBLISH_VARIANTS)}, got {variant!r}"
+                         + ("; healed needs a heal: block" if variant == "healed" else ""))
+    split = check.positive_int(spec.setdefault("split_bytes", PUBLISH_SPLIT_BYTES), "publish.split_bytes")
+    if split < 1_000_000:
+        raise check.fail("publish.split_bytes", f"{split} is below 1000000; llama-gguf-split splits by whole MB")
+    check.typed(spec.setdefault("private", True), "publish.private", bool, "true or false")
+    if "license" in spec and not (isinstance(spec["license"], str) and re.fullmatch(r"[a-z0-9][a-z0-9.+-]*",
+                                                                                   spec["license"])):
+        raise check.fail("publish.license", f"expected a Hub license id such as apache-2.0 or other, got "
+                         f"{spec['license']!r}")
+    return spec
 
 
 def _check_model_dir(check: _Checker, src: Source, key: str) -> None:

@@ -281,6 +281,25 @@ def smoke_load(gguf: Path, *, mmproj: Path | None = None, image: Path | None = N
                          "model whose MTP head is missing, and run doit again") from None
 
 
+def split_gguf(path: Path, max_size: str | None) -> list[Path]:
+    """A GGUF above ``max_size`` (``50G``, ``500M``) split into ``<name>-0000k-of-0000n.gguf`` parts with
+    llama-gguf-split (the Hub takes files up to 50 GB; llama.cpp loads the first part and finds the others);
+    the parts, or the file itself when it fits."""
+    if max_size is None:
+        return [path]
+    limit = int(max_size[:-1]) * (1 << 30 if max_size.endswith("G") else 1 << 20)
+    if path.stat().st_size <= limit:
+        return [path]
+    prefix = path.with_suffix("")
+    run([locate().program("llama-gguf-split"), "--split", "--split-max-size", max_size, str(path), str(prefix)],
+        what=f"split {path.name}")
+    path.unlink()
+    parts = sorted(path.parent.glob(f"{prefix.name}-*-of-*.gguf"))
+    if not parts:
+        raise StepFailed(f"llama-gguf-split wrote no parts for {path.name}")
+    return parts
+
+
 def gpu_args() -> list[str]:
     """``-ngl N`` from MERGEFORGE_GPU_LAYERS: a machine setting, not part of any key."""
     layers = os.environ.get("MERGEFORGE_GPU_LAYERS")

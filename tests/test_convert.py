@@ -103,3 +103,24 @@ def test_quant_entries_with_per_tensor_types(workspace: Workspace, tiny_llama: P
     assert large["blk.0.ffn_up.weight"] == plain["blk.0.ffn_up.weight"]
     name = reader.get_field("general.name")
     assert name is not None and name.contents() == "tiny merge"
+
+
+def test_large_ggufs_are_split_and_used_in_parts(workspace: Workspace, tiny_llama: Path,
+                                                 llama_cpp) -> None:  # type: ignore[no-untyped-def]
+    """gguf.split_max_size: the BF16 GGUF and every quant above it are split with llama-gguf-split; imatrix,
+    quantize and bench read the parts; a second run executes nothing."""
+    workspace.write_recipe("tiny", recipe(tiny_llama, quants="[Q8_0, Q2_K]") + "gguf: {split_max_size: 2M}\n")
+    workspace.doit()
+    out = workspace.build / "tiny"
+    bf16 = sorted(p.name for p in out.glob("tiny-BF16-*-of-*.gguf"))
+    q8 = sorted(p.name for p in out.glob("tiny-Q8_0-*-of-*.gguf"))
+    assert len(bf16) >= 3 and len(q8) >= 2, (bf16, q8)
+    assert not (out / "tiny-BF16.gguf").exists() and not (out / "tiny-Q8_0.gguf").exists()
+    assert (out / "tiny-Q2_K.gguf").stat().st_size < 2 << 20          # under the limit: one file
+    rows = {r["type"]: r for r in json.loads((out / "scoreboard.json").read_text())["models"]}
+    assert rows["base"]["file"] == bf16[0] and rows["Q8_0"]["file"] == q8[0]
+    assert rows["Q8_0"]["size"] == sum((out / n).stat().st_size for n in q8)
+    assert rows["Q8_0"]["kld_mean"] < rows["Q2_K"]["kld_mean"]
+    lock = json.loads((out / "lock.json").read_text())["artifacts"]
+    assert set(bf16) | set(q8) <= set(lock)
+    assert workspace.doit().executed == []
