@@ -78,7 +78,8 @@ def _provenance(ctx: Context) -> dict[str, str]:
         C.GGUF_KEY_RECIPE: stage.recipe.name,
         C.GGUF_KEY_STAGE: ctx.key,
         C.GGUF_KEY_SOURCES: json.dumps({k: {"kind": v["kind"], "revision": v["revision"],
-                                            **({"package": v["package"]} if "package" in v else {})}
+                                            **({"package": v["package"]} if "package" in v else {}),
+                                            **({"repo": v["repo"]} if "repo" in v else {})}
                                         for k, v in sources.items()}, sort_keys=True),
         C.GGUF_KEY_VERSION: str(C.SCHEMA_VERSION),
     }

