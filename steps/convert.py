@@ -124,7 +124,7 @@ def mtp_plan(stage: Stage, model_dir: Path, supports_mtp: bool) -> tuple[list[st
                           "gguf.mtp: drop (or auto) to convert the model without it")
     if mode == "drop" or problem:
         if not supports_mtp:
-            raise RecipeError(str(stage.recipe.file), "gguf.mtp", f"the merged model holds mtp.* tensors but "
+            raise RecipeError(str(stage.recipe.file), "gguf.mtp", "the merged model holds mtp.* tensors but "
                               "llama.cpp's converter has no MTP support for its architecture; remove them from the "
                               "sources")
         reason = "gguf.mtp: drop" if mode == "drop" else problem

@@ -428,7 +428,7 @@ def _merged_tensor(merge: dict[str, Any], method: Method, sl: Slice, inputs: lis
     if method.base == "ignored":
         base_index = None
     per_model = []
-    for k, (src, name) in enumerate(present):
+    for k, (src, _) in enumerate(present):
         wanted = {p: d for p, d in method.per_model.items() if not (k == base_index and p in method.non_base_only)}
         try:
             per_model.append({p: resolve(p, _settings(merge, sl, src), out_name, t, d) for p, d in wanted.items()})

@@ -272,7 +272,7 @@ def test_two_doit_at_once_on_one_checkout_build_each_stage_once(workspace: Works
     ws.write_recipe("tiny", merge_recipe(tiny_llama))
     procs = [_doit_proc(ws, "merge") for _ in range(2)]
     outs = [(p.wait(timeout=300), p.stdout.read()) for p in procs]  # type: ignore[union-attr]
-    for (rc, out), other in zip(outs, reversed(procs)):
+    for (rc, out), other in zip(outs, reversed(procs), strict=True):
         assert "Traceback" not in out, out
         if rc != 0:                            # the one that came second, if they overlapped
             assert mf_lines(out) == [f"mergeforge: another doit is building {ws.build} (pid {other.pid}); wait "
@@ -445,7 +445,7 @@ def test_a_full_disk_when_doit_saves_its_state_keeps_the_previous_state(tmpfs: M
     json.loads((ws.build / ".doit.json").read_text())                    # never left truncated
     assert (ws.build / ".doit.json").read_text() == state
     filler.unlink()
-    again = ws.doit("merge")
+    ws.doit("merge")
     assert (ws.build / "tiny" / "merged" / "tokenizer_config.json").exists()
     assert built_counts(ws) == {"fetch:tiny": 1, "merge:tiny": 1}
     assert ws.doit("merge").executed == []
