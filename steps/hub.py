@@ -23,7 +23,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -195,7 +195,7 @@ def _hub_errors() -> tuple[type[Exception], ...]:
     return HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RevisionResolutionError, httpx2.TransportError
 
 
-@lru_cache(maxsize=None)
+@cache
 def _resolve(repo: str, revision: str, repo_type: str,
              cache: Path) -> tuple[str, tuple[tuple[str, HubFile], ...] | None]:
     """The commit a revision names, and the repository's listing at it (None when the Hub cannot be reached: the
