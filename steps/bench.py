@@ -1,7 +1,8 @@
-"""bench: one variant's figures, ``bench/<variant>.json`` (the scoreboard stage gathers them). For the unquantized
-GGUF and each quant: file size, llama-perplexity PPL on held-out text, and the KL-divergence of each quant's token
-distributions against the unquantized model's, computed from the log-probabilities llama-perplexity saves (the
-same compressed form its own --kl-divergence mode reads).
+"""bench: one GGUF's figures, ``<variant>[-<NAME>].bench.json`` (the scoreboard stage gathers them): file size,
+llama-perplexity PPL on held-out text, and for a quant the KL-divergence of its token distributions against the
+unquantized model's, computed from the log-probabilities llama-perplexity saves (the same compressed form its own
+--kl-divergence mode reads). The unquantized GGUF's log-probabilities are computed once per variant and kept as an
+artifact (``<variant>.logprobs``), so a new quant costs one llama-perplexity run.
 
     python -m steps.bench demo                   # run the bench stage of recipes/demo.yaml
 """
@@ -125,24 +126,30 @@ def logprobs(model: Path, text: Path, params: dict[str, Any], dest: Path) -> Log
 
 
 def build(ctx: Context) -> None:
+    """``bench:<variant>``: the unquantized GGUF's PPL, and its log-probabilities kept as the reference;
+    ``bench:<variant>-<NAME>``: one quant's PPL and divergence from that reference. Adding a quant runs one
+    llama-perplexity, not one per GGUF."""
     stage = ctx.stage
     heldout = stage.files["heldout"]
-    base_name = ctx.upstream_file("convert")
-    base = logprobs(stage.build_dir / base_name, heldout, stage.params, ctx.out.parent / "base.logprobs")
-    rows = [_row(base_name, ctx, {"type": "base", **scores(base, None)})]
-    for dep in stage.deps:
-        if not dep.startswith("quantize:"):
-            continue
-        name = ctx.inputs[dep].get("main") or next(iter(ctx.inputs[dep]["outputs"]))
-        quant = logprobs(stage.build_dir / name, heldout, stage.params, ctx.out.parent / "quant.logprobs")
-        rows.append(_row(name, ctx, {"type": dep.rsplit("-", 1)[-1], **scores(quant, base)}))
-        quant.path.unlink()
-    base.path.unlink()
-    board = {"schema": C.SCHEMA_VERSION, "recipe": stage.recipe.name, "variant": stage.name,
-             "settings": {"heldout_digest": ctx.cache.digest(heldout), **stage.params},
-             "llama_cpp": stage.tools().get("llama.cpp"), "models": rows}
     out = ctx.out / stage.outputs[0]
-    out.parent.mkdir(parents=True)
+    quant_deps = [d for d in stage.deps if d.startswith("quantize:")]
+    if not quant_deps:
+        name = ctx.upstream_file("convert")
+        reference = logprobs(stage.build_dir / name, heldout, stage.params, ctx.out / stage.outputs[1])
+        row = _row(name, ctx, {"type": "base", **scores(reference, None)})
+    else:
+        (dep,) = quant_deps
+        name = ctx.upstream_file("quantize")
+        reference = LogProbs.open(stage.build_dir / ctx.upstream("bench")["reference"])
+        quant = logprobs(stage.build_dir / name, heldout, stage.params, ctx.out.parent / "quant.logprobs")
+        row = _row(name, ctx, {"type": dep.rsplit("-", 1)[-1], **scores(quant, reference)})
+        quant.path.unlink()
+    if len(stage.outputs) > 1:
+        ctx.record["reference"] = stage.outputs[1]
+    board = {"schema": C.SCHEMA_VERSION, "recipe": stage.recipe.name, "variant": stage.params["variant"],
+             "settings": {"heldout_digest": ctx.cache.digest(heldout),
+                          **{k: v for k, v in stage.params.items() if k != "variant"}},
+             "llama_cpp": stage.tools().get("llama.cpp"), "models": [row]}
     out.write_text(json.dumps(board, indent=1) + "\n")
 
 

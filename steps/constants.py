@@ -21,7 +21,7 @@ STAGE_VERSIONS = {
     "convert":  2,
     "imatrix":  2,
     "quantize": 1,
-    "bench":    2,
+    "bench":    3,
     "heal":     1,
     "scoreboard": 1,
 }
@@ -46,7 +46,8 @@ BF16_GGUF       = "{recipe}-{outtype}.gguf"
 IMATRIX_FILE    = "{recipe}-imatrix.gguf"
 QUANT_GGUF      = "{recipe}-{qtype}.gguf"
 MMPROJ_GGUF     = "{recipe}-mmproj-{outtype}.gguf"
-BENCH_FILE      = "bench/{variant}.json"
+BENCH_FILE      = "{name}.bench.json"            # one per GGUF (flat: a directory of build/ belongs to one stage)
+BENCH_LOGPROBS  = "{variant}.logprobs"            # the unquantized GGUF's log-probabilities, the KLD reference
 SCOREBOARD      = "scoreboard.json"
 SCOREBOARD_MD   = "scoreboard.md"
 HEALED_DIR      = "healed"

@@ -109,7 +109,7 @@ def plan(recipe: Recipe) -> list[Stage]:
     benches = []
     for v, made_by, model_dir in variants(recipe):
         stages += _variant_stages(recipe, v, made_by, model_dir)
-        benches += [st.id for st in stages if st.kind == "bench" and st.name == v]
+        benches += [st.id for st in stages if st.kind == "bench" and st.params["variant"] == v]
     if benches:
         stages.append(Stage("scoreboard", n, recipe, {"variants": [v for v, _, _ in variants(recipe)]},
                             deps=tuple(benches), outputs=(C.SCOREBOARD, C.SCOREBOARD_MD)))
@@ -138,10 +138,14 @@ def _variant_stages(recipe: Recipe, v: str, made_by: str, model_dir: str) -> lis
         quants.append(quant.id)
         stages.append(quant)
     if recipe.bench is not None:
-        params = {k: val for k, val in recipe.bench.items() if k != "heldout"}
-        stages.append(Stage("bench", v, recipe, params, deps=(f"convert:{v}", *quants),
-                            files={"heldout": recipe.heldout} if recipe.heldout else {},
-                            outputs=(C.BENCH_FILE.format(variant=v),)))
+        params = {**{k: val for k, val in recipe.bench.items() if k != "heldout"}, "variant": v}
+        files = {"heldout": recipe.heldout} if recipe.heldout else {}
+        stages.append(Stage("bench", v, recipe, params, deps=(f"convert:{v}",), files=files,
+                            outputs=(C.BENCH_FILE.format(name=v), C.BENCH_LOGPROBS.format(variant=v))))
+        for quant in quants:
+            name = quant.split(":", 1)[1]
+            stages.append(Stage("bench", name, recipe, params, deps=(f"bench:{v}", quant), files=files,
+                                outputs=(C.BENCH_FILE.format(name=name),)))
     return stages
 
 

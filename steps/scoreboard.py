@@ -1,6 +1,6 @@
 """scoreboard: every variant's bench figures in one table, ``scoreboard.json`` (schema 2) and ``scoreboard.md``.
 
-Cheap (no model is read): it only gathers ``bench/<variant>.json``. Rows are keyed by the GGUF's digest, so a row
+Cheap (no model is read): it only gathers the ``*.bench.json`` of every GGUF. Rows are keyed by the GGUF's digest, so a row
 cannot outlive a rebuild of its file. With a healed variant the markdown table shows the seed's
 "Raw merge | Healed | Delta" layout.
 
@@ -25,11 +25,12 @@ logger = logging.getLogger(__name__)
 def build(ctx: Context) -> None:
     stage = ctx.stage
     variants: dict[str, dict[str, Any]] = {}
+    rows = []
     for dep in stage.deps:
-        (rel,) = ctx.inputs[dep]["outputs"]
+        rel = next(r for r in ctx.inputs[dep]["outputs"] if r.endswith(".json"))
         bench = read_json(stage.build_dir / rel)
-        variants[bench["variant"]] = bench
-    rows = [{"variant": v, **row} for v, bench in variants.items() for row in bench["models"]]
+        variants.setdefault(bench["variant"], bench)
+        rows += [{"variant": bench["variant"], **row} for row in bench["models"]]
     board = {"schema": C.SCOREBOARD_SCHEMA, "recipe": stage.recipe.name, "variants": list(variants),
              "settings": next(iter(variants.values()))["settings"],
              "llama_cpp": next(iter(variants.values()))["llama_cpp"],

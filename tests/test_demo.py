@@ -13,7 +13,7 @@ from conftest import ROOT, Workspace, generate
 pytestmark = [pytest.mark.slow, pytest.mark.demo]
 
 STAGES = ["fetch:demo", "merge:demo", "convert:demo", "imatrix:demo", "quantize:demo-Q4_K_M",
-          "quantize:demo-Q8_0", "bench:demo", "scoreboard:demo"]
+          "quantize:demo-Q8_0", "bench:demo", "bench:demo-Q4_K_M", "bench:demo-Q8_0", "scoreboard:demo"]
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
 

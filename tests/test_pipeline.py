@@ -17,7 +17,7 @@ from conftest import DATA, ROOT, Workspace, generate, llama_cpp_with_quantize
 pytestmark = pytest.mark.slow
 
 ALL_STAGES = ["fetch:tiny", "merge:tiny", "convert:tiny", "imatrix:tiny", "quantize:tiny-Q4_K_M",
-              "quantize:tiny-Q8_0", "bench:tiny", "scoreboard:tiny"]
+              "quantize:tiny-Q8_0", "bench:tiny", "bench:tiny-Q4_K_M", "bench:tiny-Q8_0", "scoreboard:tiny"]
 
 
 def tiny_recipe(model: Path, quants: str = "[Q4_K_M, Q8_0]", chunks: int = 4) -> str:
@@ -88,7 +88,7 @@ def test_touching_sources_and_artifacts_executes_nothing(built: Workspace, tiny_
 def test_new_quant_type_runs_only_that_quant_and_the_scoreboard(built: Workspace, tiny_llama: Path) -> None:
     built.write_recipe("tiny", tiny_recipe(tiny_llama, quants="[Q4_K_M, Q8_0, Q5_K_M]"))
     again = built.doit()
-    assert again.executed == ["quantize:tiny-Q5_K_M", "bench:tiny", "scoreboard:tiny"]
+    assert again.executed == ["quantize:tiny-Q5_K_M", "bench:tiny-Q5_K_M", "scoreboard:tiny"]
     rows = json.loads((built.build / "tiny" / "scoreboard.json").read_text())["models"]
     assert [r["type"] for r in rows] == ["base", "Q4_K_M", "Q8_0", "Q5_K_M"]
 
@@ -97,14 +97,14 @@ def test_imatrix_change_then_revert_restores_from_store(built: Workspace, tiny_l
     before = json.loads((built.build / "tiny" / "lock.json").read_text())["artifacts"]
     built.write_recipe("tiny", tiny_recipe(tiny_llama, chunks=2))
     changed = built.doit()
-    assert changed.executed == ["imatrix:tiny", "quantize:tiny-Q4_K_M", "quantize:tiny-Q8_0", "bench:tiny",
-                                "scoreboard:tiny"]
+    assert changed.executed == ["imatrix:tiny", "quantize:tiny-Q4_K_M", "quantize:tiny-Q8_0",
+                                "bench:tiny-Q4_K_M", "bench:tiny-Q8_0", "scoreboard:tiny"]
     entries = built.store_entries()
     n_built = len(built_events(built))
     built.write_recipe("tiny", tiny_recipe(tiny_llama, chunks=4))
     reverted = built.doit()
-    assert reverted.executed == ["imatrix:tiny", "quantize:tiny-Q4_K_M", "quantize:tiny-Q8_0", "bench:tiny",
-                                 "scoreboard:tiny"]
+    assert reverted.executed == ["imatrix:tiny", "quantize:tiny-Q4_K_M", "quantize:tiny-Q8_0",
+                                 "bench:tiny-Q4_K_M", "bench:tiny-Q8_0", "scoreboard:tiny"]
     assert len(built_events(built)) == n_built, "a reverted change must restore, not rebuild"
     assert built.store_entries() == entries
     assert "imatrix tiny:" not in reverted.output and "quantize tiny-" not in reverted.output  # no llama.cpp ran
@@ -187,7 +187,7 @@ def test_kill_during_quantize_resumes_without_redoing(workspace: Workspace, tiny
     resumed = workspace.doit()
     rebuilt = built_events(workspace)[len(finished):]
     assert not set(rebuilt) & set(finished), f"finished stages were rebuilt: {rebuilt}"
-    assert "quantize:tiny-Q4_K_M" in rebuilt and "bench:tiny" in rebuilt
+    assert "quantize:tiny-Q4_K_M" in rebuilt and "bench:tiny-Q4_K_M" in rebuilt
     assert (workspace.build / "tiny" / "scoreboard.json").exists()
     assert "fetch:tiny" in resumed.executed  # doit lost its state: the stage ran, and restored from the store
 
