@@ -43,10 +43,13 @@ quantization by default; bitsandbytes 0.50 also runs on the CPU). The examples a
 of time (per-epoch permutations seeded by ``train.seed``) and read sequentially, so the order never depends on a
 sampler's random state. Checkpoints (adapter, optimizer, scheduler, RNG states) go every save_steps to
 ``<store>/work/heal.<stage key>/checkpoints``; one that was written completely gets a marker file, and a run killed
-at any point resumes from the newest marked checkpoint on the next run. On CPU with a fixed thread count the resumed
-run's final adapter is bitwise the uninterrupted run's (tests/test_heal.py checks it). On CUDA, cuBLAS and the
-bitsandbytes kernels are not bitwise deterministic across runs anyway, so a resumed adapter equals an uninterrupted
-one only to within that run-to-run noise.
+at any point resumes from the newest marked checkpoint on the next run (the Trainer restores the adapter, optimizer,
+scheduler and RNG states, and skips the batches already trained). On CPU with a fixed thread count the resumed
+run's final adapter is bitwise the uninterrupted run's, and so is every logged loss (tests/test_heal.py checks it;
+the same test passed on one H100). On CUDA that is not promised in general: cuBLAS and the bitsandbytes kernels are
+not guaranteed bitwise deterministic from run to run, so there a resumed adapter equals an uninterrupted one to
+within that run-to-run noise. Another thread count (MERGEFORGE_THREADS) changes float summation order on the CPU,
+and so the low bits of the adapter.
 
 Outputs (in the stage's store entry, placed in build/<recipe>/):
   adapter/adapter_model.safetensors, adapter/adapter_config.json   peft's own files (PeftModel.from_pretrained)
