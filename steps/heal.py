@@ -1190,18 +1190,6 @@ def write_healed(model_dir: Path, adapter_dir: Path, dest: Path, shard_bytes: in
     return shards
 
 
-def machine() -> dict[str, str]:
-    """What beyond the recipe changes the adapter's bytes: the device kind (CPU and CUDA arithmetic differ) and the
-    launcher (the number of processes sets the global batch). For Stage.tools() of the heal stage, as
-    MERGEFORGE_MERGE_DEVICE is for merge's."""
-    import torch
-    found = {"heal_device": "cuda" if torch.cuda.is_available() else "cpu"}
-    launch = os.environ.get("MERGEFORGE_HEAL_LAUNCH", "").strip()
-    if launch:
-        found["heal_launch"] = launch
-    return found
-
-
 def estimate_bytes(stage: Stage) -> int:
     """Disk the stage needs, from the merged model's headers (no torch): the healed copy of the weights, the adapter,
     and in the store's work/ up to three checkpoints (save_total_limit 2, plus the one being written) of the adapter

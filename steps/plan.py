@@ -49,6 +49,18 @@ def llama_cpp_version() -> str:
     return toolchain.locate().version
 
 
+@lru_cache(maxsize=1)
+def heal_machine() -> dict[str, str]:
+    """What beyond the recipe changes a heal's bytes, found without importing torch (doit lists tasks often): the
+    device kind (CPU and CUDA arithmetic differ) and the launcher (its process count sets the global batch)."""
+    from steps import toolchain
+    found = {"heal_device": "cuda" if toolchain.has_gpu() else "cpu"}
+    launch = os.environ.get("MERGEFORGE_HEAL_LAUNCH", "").strip()
+    if launch:
+        found["heal_launch"] = launch
+    return found
+
+
 @dataclass(frozen=True)
 class Stage:
     kind: str                                   # fetch, merge, convert, imatrix, quantize, bench
@@ -80,6 +92,8 @@ class Stage:
         tools["mergeforge-stage"] = str(C.STAGE_VERSIONS[self.kind])
         if self.kind in C.LLAMA_CPP_STAGES:
             tools["llama.cpp"] = llama_cpp_version()
+        if self.kind == "heal":
+            tools.update(heal_machine())
         if self.kind == "merge" and os.environ.get("MERGEFORGE_MERGE_DEVICE", "cpu") != "cpu":
             # another device's arithmetic (and random stream) gives other bytes: another build
             tools["merge_device"] = os.environ["MERGEFORGE_MERGE_DEVICE"]

@@ -1,7 +1,7 @@
 """scoreboard: every variant's bench figures in one table, ``scoreboard.json`` (schema 2) and ``scoreboard.md``.
 
-Cheap (no model is read): it only gathers the ``*.bench.json`` of every GGUF. Rows are keyed by the GGUF's digest, so a row
-cannot outlive a rebuild of its file. With a healed variant the markdown table shows the seed's
+Cheap (no model is read): it only gathers the ``*.bench.json`` of every GGUF. Rows are keyed by the GGUF's digest,
+so a row cannot outlive a rebuild of its file. With a healed variant the markdown table shows the seed's
 "Raw merge | Healed | Delta" layout.
 
     python -m steps.scoreboard demo              # run the scoreboard stage of recipes/demo.yaml

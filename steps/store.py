@@ -115,13 +115,21 @@ def stage_key(stage: Stage, cache: StatCache) -> tuple[str, dict[str, Any], dict
     material = {
         "kind": stage.kind,
         "params": stage.params,
-        "inputs": {dep: {"outputs": m["outputs"], **({"sources": m["sources"]} if "sources" in m else {})}
-                   for dep, m in inputs.items()},
+        "inputs": {dep: {"outputs": _consumed(dep, m["outputs"]),
+                         **({"sources": m["sources"]} if "sources" in m else {})} for dep, m in inputs.items()},
         "files": {role: cache.digest(path) for role, path in stage.files.items()},
         "extra": extra,
         "tools": stage.tools(),
     }
     return digest_value(material), material, inputs
+
+
+def _consumed(dep: str, outputs: dict[str, Any]) -> dict[str, Any]:
+    """The upstream outputs a stage reads: of a heal, the healed model only (its loss curve records tokens/s,
+    which differ run to run, and must not make the healed variant stale)."""
+    if dep.startswith("heal:"):
+        return {rel: info for rel, info in outputs.items() if rel.startswith(C.HEALED_DIR + "/")}
+    return outputs
 
 
 def fetch_is_current(stage: Stage) -> bool:
@@ -356,16 +364,21 @@ def estimate_bytes(stage: Stage, inputs: dict[str, dict[str, Any]]) -> int:
     bench, two log-probability files (chunks x context/2 x vocabulary x 2 bytes each); a packaged fetch, four
     times its wheel (a dequantized GGUF); imatrix little. An estimate: a stage that writes more still fails cleanly
     on ENOSPC."""
-    n = stage.recipe.name
     try:
         if stage.kind == "merge":
             return _merge_estimate(stage)
+        upstream = {dep.split(":", 1)[0]: m for dep, m in inputs.items()}
+        if stage.kind == "heal":
+            from steps import heal
+            return heal.estimate_bytes(stage)
         if stage.kind == "convert":
-            merged = sum(int(i["size"]) for i in inputs[f"merge:{n}"]["outputs"].values())
+            made = upstream.get("merge") or upstream["heal"]
+            merged = sum(int(i["size"]) for rel, i in made["outputs"].items()
+                         if rel.startswith((C.MERGED_DIR + "/", C.HEALED_DIR + "/")))
             return int(merged * {"f32": 2.0, "q8_0": 0.6}.get(str(stage.params.get("outtype")), 1.0))
         if stage.kind == "quantize":
-            (gguf,) = inputs[f"convert:{n}"]["outputs"].values()
-            return int(gguf["size"]) * (2 if stage.params.get("type") == "F32" else 1)
+            gguf = sum(int(i["size"]) for rel, i in upstream["convert"]["outputs"].items() if "mmproj" not in rel)
+            return gguf * (2 if stage.params.get("type") == "F32" else 1)
         if stage.kind == "bench":             # llama-perplexity's saved log-probabilities: the base's and a quant's
             config = read_json(stage.build_dir / C.MERGED_DIR / "config.json")
             vocab = int(config.get("vocab_size") or config["text_config"]["vocab_size"])

@@ -177,7 +177,7 @@ def _extract(sdist: Path, dest: Path) -> Path:
     return dest
 
 
-def _has_gpu() -> bool:
+def has_gpu() -> bool:
     """nvcc alone is not enough: a CUDA build on a machine with no GPU only costs time."""
     smi = shutil.which("nvidia-smi")
     return smi is not None and subprocess.run([smi, "-L"], capture_output=True).returncode == 0
@@ -208,7 +208,7 @@ def _build_locked(target: Path) -> Toolchain:
     work = Path(tempfile.mkdtemp(prefix=f"{VERSION}.", dir=target.parent))
     src = _extract(_sdist(), work / "py")
     flags = list(CMAKE_FLAGS)
-    if shutil.which("nvcc") and _has_gpu():
+    if shutil.which("nvcc") and has_gpu():
         flags.append("-DGGML_CUDA=ON")
     started = time.time()
     run(["cmake", "-S", str(src), "-B", str(work / "cmake"), *flags], what="configure llama.cpp", stream=True)
