@@ -30,7 +30,8 @@ DEP_FILE = Path(os.environ.get("MERGEFORGE_BUILD", root() / "build")) / ".doit.j
 DOIT_CONFIG = {
     "backend": "json",
     "dep_file": str(DEP_FILE),
-    "default_tasks": ["recipes", "fetch", "merge", "heal", "convert", "imatrix", "quantize", "bench", "scoreboard"],
+    "default_tasks": ["recipes", "fetch", "merge", "heal", "convert", "imatrix", "quantize", "bench", "eval",
+                      "scoreboard"],
     "verbosity": 2,
     "continue": True,             # a failing recipe (or quant) does not stop the others
 }
@@ -43,9 +44,10 @@ STAGE_DOCS = {
     "quantize": "quantize the GGUF with llama-quantize, one subtask per type",
     "heal": "the QLoRA heal fine-tune of the merged model (adapter, loss curve, healed 16-bit model)",
     "bench": "size, perplexity and KL-divergence of each quant against the unquantized GGUF, per variant",
+    "eval": "the capability suite against llama-server, one subtask per evaluated GGUF",
     "scoreboard": "every variant's figures side by side (scoreboard.json, scoreboard.md)",
 }
-LLAMA_CPP_KINDS = ("convert", "imatrix", "quantize", "bench")
+LLAMA_CPP_KINDS = ("convert", "imatrix", "quantize", "bench", "eval")
 
 
 def _recipes() -> tuple[list[Recipe], dict[Path, MergeforgeError]]:
@@ -183,6 +185,10 @@ def task_heal():  # type: ignore[no-untyped-def]
 
 def task_bench():  # type: ignore[no-untyped-def]
     yield from _stage_tasks("bench")
+
+
+def task_eval():  # type: ignore[no-untyped-def]
+    yield from _stage_tasks("eval")
 
 
 def task_scoreboard():  # type: ignore[no-untyped-def]

@@ -23,7 +23,8 @@ STAGE_VERSIONS = {
     "quantize": 1,
     "bench":    3,
     "heal":     1,
-    "scoreboard": 1,
+    "scoreboard": 2,
+    "eval":     1,
 }
 
 # Python packages whose versions enter each stage's key (llama.cpp's version is added for the llama.cpp stages).
@@ -36,8 +37,9 @@ STAGE_PACKAGES = {
     "bench":    (),
     "heal":     ("torch", "transformers", "peft", "bitsandbytes", "safetensors"),
     "scoreboard": (),
+    "eval":     ("openai", "jsonschema"),
 }
-LLAMA_CPP_STAGES = ("convert", "imatrix", "quantize", "bench")
+LLAMA_CPP_STAGES = ("convert", "imatrix", "quantize", "bench", "eval")
 
 # Artifact names under build/<recipe>/.
 SOURCES_DIR     = "sources"
@@ -48,6 +50,8 @@ QUANT_GGUF      = "{recipe}-{qtype}.gguf"
 MMPROJ_GGUF     = "{recipe}-mmproj-{outtype}.gguf"
 BENCH_FILE      = "{name}.bench.json"            # one per GGUF (flat: a directory of build/ belongs to one stage)
 BENCH_LOGPROBS  = "{variant}.logprobs"            # the unquantized GGUF's log-probabilities, the KLD reference
+EVAL_FILE       = "{name}.eval.json"             # one per evaluated GGUF, beside the server's log
+EVAL_LOG        = "{name}.server.log"
 SCOREBOARD      = "scoreboard.json"
 SCOREBOARD_MD   = "scoreboard.md"
 HEALED_DIR      = "healed"

@@ -50,6 +50,20 @@ def llama_cpp_version() -> str:
 
 
 @lru_cache(maxsize=1)
+def eval_code_digest() -> str:
+    """The capability suite's own code (tests, graders, sandbox, runner, server): a changed prompt or grader reruns
+    the evals (and the scoreboard) and nothing else. A few small files, read on every doit start that plans evals."""
+    import blake3
+    here = Path(__file__).resolve().parent
+    h = blake3.blake3()
+    code = [*(here / "evalsuite").glob("*.py"), *(here / n for n in ("sandbox.py", "eval.py", "server.py"))]
+    for path in sorted(code):
+        if path.exists():
+            h.update(path.relative_to(here).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=1)
 def heal_machine() -> dict[str, str]:
     """What beyond the recipe changes a heal's bytes, found without importing torch (doit lists tasks often): the
     device kind (CPU and CUDA arithmetic differ) and the launcher (its process count sets the global batch)."""
@@ -94,6 +108,8 @@ class Stage:
             tools["llama.cpp"] = llama_cpp_version()
         if self.kind == "heal":
             tools.update(heal_machine())
+        if self.kind == "eval":
+            tools["suite"] = eval_code_digest()
         if self.kind == "merge" and os.environ.get("MERGEFORGE_MERGE_DEVICE", "cpu") != "cpu":
             # another device's arithmetic (and random stream) gives other bytes: another build
             tools["merge_device"] = os.environ["MERGEFORGE_MERGE_DEVICE"]
@@ -120,13 +136,12 @@ def plan(recipe: Recipe) -> list[Stage]:
     if recipe.heal is not None:
         stages.append(Stage("heal", n, recipe, recipe.heal, deps=(f"merge:{n}",), files=recipe.heal_files,
                             outputs=(f"{C.HEALED_DIR}/config.json",)))
-    benches = []
     for v, made_by, model_dir in variants(recipe):
         stages += _variant_stages(recipe, v, made_by, model_dir)
-        benches += [st.id for st in stages if st.kind == "bench" and st.params["variant"] == v]
-    if benches:
+    gathered = tuple(st.id for st in stages if st.kind in ("bench", "eval"))
+    if gathered:
         stages.append(Stage("scoreboard", n, recipe, {"variants": [v for v, _, _ in variants(recipe)]},
-                            deps=tuple(benches), outputs=(C.SCOREBOARD, C.SCOREBOARD_MD)))
+                            deps=gathered, outputs=(C.SCOREBOARD, C.SCOREBOARD_MD)))
     return stages
 
 
@@ -160,6 +175,14 @@ def _variant_stages(recipe: Recipe, v: str, made_by: str, model_dir: str) -> lis
             name = quant.split(":", 1)[1]
             stages.append(Stage("bench", name, recipe, params, deps=(f"bench:{v}", quant), files=files,
                                 outputs=(C.BENCH_FILE.format(name=name),)))
+    if recipe.eval is not None:
+        outtype = recipe.gguf["outtype"].upper()
+        for gguf in recipe.eval["ggufs"]:
+            name = f"{v}-{gguf}"
+            made_by = f"convert:{v}" if gguf == outtype else f"quantize:{name}"
+            stages.append(Stage("eval", name, recipe, {**recipe.eval, "ggufs": None, "variant": v},
+                                deps=(made_by,), files=recipe.eval_files,
+                                outputs=(C.EVAL_FILE.format(name=name), C.EVAL_LOG.format(name=name))))
     return stages
 
 

@@ -19,7 +19,8 @@ import yaml
 from steps.constants import GGUF_OUTTYPES, MMPROJ_MODES, MTP_MODES, NEEDS_IMATRIX, QUANT_TYPES
 from steps.errors import RecipeError
 
-TOP_KEYS = ("name", "description", "sources", "merge", "gguf", "imatrix", "quantize", "heal", "bench", "publish")
+TOP_KEYS = ("name", "description", "sources", "merge", "gguf", "imatrix", "quantize", "heal", "bench", "eval",
+            "publish")
 SOURCE_KEYS = ("path", "package", "sha256", "file", "hf", "revision", "allow_pickle", "trust_remote_code")
 SOURCE_KIND_KEYS = {"path": ("path",), "package": ("package", "sha256", "file"),
                     "hf": ("hf", "revision", "allow_pickle")}     # trust_remote_code: any kind (never run here)
@@ -72,6 +73,8 @@ class Recipe:
     heal: dict[str, Any] | None = None                                      # the normalized heal: block
     heal_files: dict[str, Path] = field(default_factory=dict)              # its local data files, by role
     publish: dict[str, Any] | None = None                                   # the normalized publish: block
+    eval: dict[str, Any] | None = None                                      # the normalized eval: block
+    eval_files: dict[str, Path] = field(default_factory=dict)              # its chat template file, if any
 
 
 def did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
@@ -257,8 +260,13 @@ def load(file: str | Path) -> Recipe:
         from steps import heal as heal_stage
         heal, heal_files = heal_stage.validate(check, raw["heal"], base)
     publish = _publish(check, raw.get("publish"), quantize, gguf, heal)
+    evals, eval_files = None, {}
+    if "eval" in raw:
+        from steps import eval as eval_stage
+        from steps.evalsuite import CATEGORIES
+        evals, eval_files = eval_stage.validate(check, raw["eval"], base, quantize, gguf["outtype"], CATEGORIES)
     return Recipe(name, file, sources, merge, gguf, imatrix, quantize, bench, calibration, heldout, quant_specs,
-                  heal, heal_files, publish)
+                  heal, heal_files, publish, evals, eval_files)
 
 
 def _sources(check: _Checker, value: Any, base: Path) -> dict[str, Source]:

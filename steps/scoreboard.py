@@ -25,17 +25,32 @@ logger = logging.getLogger(__name__)
 def build(ctx: Context) -> None:
     stage = ctx.stage
     variants: dict[str, dict[str, Any]] = {}
-    rows = []
+    rows: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
     for dep in stage.deps:
         rel = next(r for r in ctx.inputs[dep]["outputs"] if r.endswith(".json"))
-        bench = read_json(stage.build_dir / rel)
-        variants.setdefault(bench["variant"], bench)
-        rows += [{"variant": bench["variant"], **row} for row in bench["models"]]
-    board = {"schema": C.SCOREBOARD_SCHEMA, "recipe": stage.recipe.name, "variants": list(variants),
-             "settings": next(iter(variants.values()))["settings"],
-             "llama_cpp": next(iter(variants.values()))["llama_cpp"],
-             "models": sorted(rows, key=lambda r: (list(variants).index(r["variant"]), r["type"] != "base")),
-             "by_digest": {r["digest"]: {"variant": r["variant"], "type": r["type"], "file": r["file"]} for r in rows}}
+        found = read_json(stage.build_dir / rel)
+        if dep.startswith("eval:"):
+            evals.append(found)
+            continue
+        variants.setdefault(found["variant"], found)
+        rows += [{"variant": found["variant"], **row} for row in found["models"]]
+    outtype = stage.recipe.gguf["outtype"].upper()
+    for report in evals:
+        qtype = report["name"][len(report["variant"]) + 1:]
+        qtype = "base" if qtype == outtype else qtype
+        row = next((r for r in rows if r["variant"] == report["variant"] and r["type"] == qtype), None)
+        if row is None:
+            row = {"variant": report["variant"], "type": qtype, "file": report["gguf"]}
+            rows.append(row)
+        row["eval"] = {k: report[k] for k in ("passed", "total", "categories", "tokens_per_s", "wall_s")}
+    names = list(stage.params["variants"])
+    first = next(iter(variants.values()), {})
+    board = {"schema": C.SCOREBOARD_SCHEMA, "recipe": stage.recipe.name, "variants": names,
+             "settings": first.get("settings"), "llama_cpp": first.get("llama_cpp"),
+             "models": sorted(rows, key=lambda r: (names.index(r["variant"]), r["type"] != "base")),
+             "by_digest": {r["digest"]: {"variant": r["variant"], "type": r["type"], "file": r["file"]}
+                           for r in rows if "digest" in r}}
     (ctx.out / C.SCOREBOARD).write_text(json.dumps(board, indent=1) + "\n")
     (ctx.out / C.SCOREBOARD_MD).write_text(markdown(board))
 
@@ -61,6 +76,26 @@ def markdown(board: dict[str, Any]) -> str:
                 a, b = values
                 cells.append(("{:+" + fmt[2:]).format((b - a) * scale) if a is not None and b is not None else "–")
             lines.append(f"| {'unquantized' if qtype == 'base' else qtype} {label} | " + " | ".join(cells) + " |")
+    for qtype in types:
+        reports = [by.get((v, qtype), {}).get("eval") for v in names]
+        if all(r is None for r in reports):
+            continue
+        label = "unquantized" if qtype == "base" else qtype
+        categories = list(dict.fromkeys(c for r in reports if r for c in r["categories"]))
+        for category in [*categories, "TOTAL"]:
+            counts = [(r["passed"], r["total"]) if r and category == "TOTAL" else
+                      (r["categories"][category]["passed"], r["categories"][category]["total"])
+                      if r and category in r["categories"] else None for r in reports]
+            cells = [f"{c[0]}/{c[1]}" if c is not None else "–" for c in counts]
+            if len(names) == 2:
+                a, b = counts
+                cells.append(f"{b[0] - a[0]:+d}" if a is not None and b is not None else "–")
+            lines.append(f"| {label} {category} | " + " | ".join(cells) + " |")
+        for key, text in (("tokens_per_s", "tokens/s"), ("wall_s", "eval wall time (s)")):
+            cells = [f"{r[key]:.1f}" if r else "–" for r in reports]
+            if len(names) == 2:
+                cells.append(f"{reports[1][key] - reports[0][key]:+.1f}" if all(reports) else "–")
+            lines.append(f"| {label} {text} | " + " | ".join(cells) + " |")
     return f"# {board['recipe']}: scoreboard\n\n" + "\n".join(lines) + "\n"
 
 

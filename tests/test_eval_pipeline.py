@@ -1,0 +1,106 @@
+"""The capability suite through doit against a real llama-server, on a tiny model: every test graded, no server
+left behind (also after a kill -9 of doit mid-eval), one eval per GGUF, the suite's own source in the key."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA, ROOT, Workspace
+
+pytestmark = pytest.mark.slow
+
+
+def eval_recipe(model: Path, quants: str = "[Q8_0]", ggufs: str = "[Q8_0]") -> str:
+    return f"""
+sources:
+  a: {{path: {model}}}
+merge:
+  merge_method: passthrough
+  slices:
+    - sources: [{{model: a, layer_range: [0, 4]}}]
+quantize: {quants}
+bench: {{heldout: {DATA / 'heldout.txt'}, chunks: 2, context: 64}}
+eval:
+  ggufs: {ggufs}
+  max_tokens: 24
+  needle_tokens: 200
+  server: {{context: 2048, parallel: 2}}
+"""
+
+
+def servers() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "llama-server"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+@pytest.fixture
+def evaluated(workspace: Workspace, tiny_llama: Path, llama_cpp) -> Workspace:  # type: ignore[no-untyped-def]
+    workspace.write_recipe("tiny", eval_recipe(tiny_llama))
+    before = servers()
+    first = workspace.doit()
+    assert "eval:tiny-Q8_0" in first.executed
+    assert servers() <= before, "a llama-server outlived the build"
+    return workspace
+
+
+def test_every_test_is_graded_into_the_scoreboard(evaluated: Workspace) -> None:
+    from steps.evalsuite import CATEGORIES, all_tests
+    out = evaluated.build / "tiny"
+    report = json.loads((out / "tiny-Q8_0.eval.json").read_text())
+    assert report["total"] == len(all_tests()) == 44
+    assert all(isinstance(t["passed"], bool) and t["reason"] for t in report["tests"])
+    assert set(report["categories"]) == set(CATEGORIES)
+    assert "llama-server" in (out / "tiny-Q8_0.server.log").read_text() or (out / "tiny-Q8_0.server.log").stat().st_size
+    board = json.loads((out / "scoreboard.json").read_text())
+    row = next(r for r in board["models"] if r["type"] == "Q8_0")
+    assert row["eval"]["total"] == 44 and row["eval"]["passed"] == report["passed"]
+    assert "| Q8_0 TOTAL |" in (out / "scoreboard.md").read_text()
+
+
+def test_adding_a_quant_evaluates_only_that_quant(evaluated: Workspace, tiny_llama: Path) -> None:
+    evaluated.write_recipe("tiny", eval_recipe(tiny_llama, quants="[Q8_0, Q4_K_M]", ggufs="[Q8_0, Q4_K_M]"))
+    again = evaluated.doit()
+    assert again.executed == ["quantize:tiny-Q4_K_M", "bench:tiny-Q4_K_M", "eval:tiny-Q4_K_M", "scoreboard:tiny"]
+
+
+def test_a_changed_test_reruns_the_evals_and_the_scoreboard_only(evaluated: Workspace) -> None:
+    module = ROOT / "steps" / "evalsuite" / "basic.py"
+    original = module.read_bytes()
+    try:
+        module.write_bytes(original + b"\n# a changed prompt or grader changes the suite's digest\n")
+        again = evaluated.doit()
+    finally:
+        module.write_bytes(original)
+    assert again.executed == ["eval:tiny-Q8_0", "scoreboard:tiny"]
+
+
+def test_kill_9_of_doit_mid_eval_leaves_no_server(workspace: Workspace, tiny_llama: Path, llama_cpp) -> None:  # type: ignore[no-untyped-def]
+    workspace.write_recipe("tiny", eval_recipe(tiny_llama))
+    workspace.doit("quantize")
+    before = servers()
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "eval"], cwd=workspace.path,
+                            env=workspace.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not servers() - before:
+        time.sleep(0.1)
+    started = servers() - before
+    assert started, "no llama-server started"
+    time.sleep(2)
+    os.kill(proc.pid, signal.SIGKILL)            # doit alone, as an OOM killer would: its server must go too
+    proc.wait()
+    deadline = time.time() + 20
+    while servers() & started and time.time() < deadline:
+        time.sleep(0.2)
+    assert not servers() & started, "llama-server outlived doit"
+    resumed = workspace.doit("eval")
+    assert "eval:tiny-Q8_0" in resumed.executed
+    assert json.loads((workspace.build / "tiny" / "tiny-Q8_0.eval.json").read_text())["total"] == 44
+    assert not servers() - before
