@@ -19,6 +19,7 @@ huggingface_hub's own (HF_TOKEN or `hf auth login`) and is never read or written
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -33,7 +34,7 @@ import yaml
 
 from steps import constants as C
 from steps.errors import StepFailed
-from steps.plan import Stage, package_version, plan, store_root, variants
+from steps.plan import Stage, build_root, package_version, plan, store_root, variants
 from steps.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,8 @@ def git_sha1(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------- model card
 
 def model_card(recipe: Recipe, kind: str, *, lock: dict[str, Any], scoreboard: dict[str, Any] | None,
-               llama_cpp: str | None, files: list[str], recipe_text: str, mergeforge: str) -> str:
+               llama_cpp: str | None, files: list[str], recipe_text: str, mergeforge: str,
+               heal: dict[str, Any] | None = None) -> str:
     """The README.md of a published repository (kind "model" or "gguf"): the Hub's YAML front matter (base models,
     relation, library, tags, license) and a body with the sources and their revisions, the merge block, the heal
     settings, the GGUF table with sizes, PPL and KLD, the llama.cpp version and how to rebuild. Pure."""
@@ -185,6 +187,9 @@ def model_card(recipe: Recipe, kind: str, *, lock: dict[str, Any], scoreboard: d
             yaml.safe_dump({"merge": recipe.merge}, sort_keys=False).strip(), "```", ""]
     if recipe.heal is not None:
         out += ["## Heal", "", "```yaml", yaml.safe_dump({"heal": recipe.heal}, sort_keys=False).strip(), "```", ""]
+        if heal and heal.get("first_loss") is not None:
+            out += [f"Loss {heal['first_loss']:.4f} → {heal['last_loss']:.4f} over {heal['steps']} steps "
+                    f"({heal.get('tokens_trained', 0)} tokens).", ""]
     if kind == "gguf":
         out += _gguf_table(files, scoreboard, v)
     else:
@@ -394,9 +399,11 @@ def publish(recipe: Recipe, *, api: Any = None, dry_run: bool = False) -> list[s
         if kind not in spec:
             continue
         repo = spec[kind]
+        heal_target = build_root() / recipe.name / C.MANIFEST_DIR / f"heal.{recipe.name}.json"
         card = model_card(recipe, kind, lock=lock, scoreboard=scoreboard, llama_cpp=llama_cpp,
                           files=[f.path_in_repo for f in files[repo]], recipe_text=recipe.file.read_text(),
-                          mergeforge=package_version("mergeforge"))
+                          mergeforge=package_version("mergeforge"),
+                          heal=json.loads(heal_target.read_text()).get("heal") if heal_target.exists() else None)
         card_path = staging / kind / "README.md"
         card_path.parent.mkdir(parents=True, exist_ok=True)
         card_path.write_text(card)

@@ -350,3 +350,16 @@ def test_the_card_and_plan_carry_no_token(workspace: Workspace, tiny_llama: Path
     assert token not in "\n".join(lines)
     assert all(token.encode() not in data for data in hub.repos["org/m"].values())
     assert all(token.encode() not in p.read_bytes() for p in (workspace.build / "r").rglob("*") if p.is_file())
+
+
+def test_a_card_of_a_healed_merge_gives_its_heal_and_loss(tmp_path: Path, tiny_llama: Path) -> None:
+    from steps.publish import model_card
+    heal = (f"heal:\n  quantization: none\n  data:\n    - {{text: {tiny_llama / 'tokenizer_config.json'}}}\n")
+    text = recipe_text(tiny_llama, "publish: {model: org/m}\n" + heal)
+    r = load(tmp_path, text)
+    card = model_card(r, "model", lock={}, scoreboard=None, llama_cpp=None, files=["config.json"], recipe_text=text,
+                      mergeforge="0.1.0", heal={"first_loss": 3.0586, "last_loss": 2.9536, "steps": 16,
+                                                "tokens_trained": 65536})
+    _, body = front_matter(card)
+    assert "## Heal" in body and "quantization: none" in body
+    assert "Loss 3.0586 → 2.9536 over 16 steps (65536 tokens)." in body
