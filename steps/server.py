@@ -30,6 +30,7 @@ from typing import Any
 
 from steps import toolchain
 from steps.errors import StepFailed
+from steps.store import process_alive
 
 logger = logging.getLogger(__name__)
 
@@ -140,25 +141,14 @@ def reap() -> list[int]:
         except (OSError, ValueError):
             pid_file.unlink(missing_ok=True)
             continue
-        if _alive(info["parent"]):
+        if process_alive(info["parent"]):
             continue
-        if _alive(info["pid"]) and "llama-server" in _cmdline(info["pid"]):
+        if process_alive(info["pid"]) and "llama-server" in _cmdline(info["pid"]):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(info["pid"], signal.SIGKILL)
             stopped.append(int(info["pid"]))
         pid_file.unlink(missing_ok=True)
     return stopped
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    state = Path(f"/proc/{pid}/stat")
-    return not (state.exists() and state.read_text().split(") ", 1)[-1].startswith("Z"))
 
 
 def _cmdline(pid: int) -> str:

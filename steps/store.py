@@ -255,7 +255,7 @@ def recover_state_file(path: Path) -> str | None:
     Also removes the temporary state files of runs killed while writing it."""
     for tmp in path.parent.glob(f"{path.name}.*.tmp"):
         pid = tmp.name[len(path.name) + 1:-len(".tmp")]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             tmp.unlink(missing_ok=True)
     try:
         text = path.read_text()
@@ -298,14 +298,19 @@ def protect_doit_state() -> None:
 
 # ------------------------------------------------------------------------------------------- temporary dirs
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a dead child its parent has not reaped yet)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    state = Path(f"/proc/{pid}/stat")
+    try:
+        return not state.read_text().split(") ", 1)[-1].startswith("Z")
+    except OSError:
+        return True
 
 
 def remove_stale_tmp() -> list[tuple[Path, int]]:
@@ -317,7 +322,7 @@ def remove_stale_tmp() -> list[tuple[Path, int]]:
         return removed
     for work in sorted(tmp_root.iterdir()):
         parts = work.name.split(".")
-        if len(parts) != 4 or len(parts[1]) != 64 or not parts[2].isdigit() or _alive(int(parts[2])):
+        if len(parts) != 4 or len(parts[1]) != 64 or not parts[2].isdigit() or process_alive(int(parts[2])):
             continue
         with key_lock(parts[1], wait=False) as held:
             if held and work.exists():
