@@ -94,6 +94,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -705,6 +706,11 @@ def _kill_all(proc: subprocess.Popen, mode: str, uid: int | None, cgroup: Path |
 
 def _live_tasks(uid: int) -> list[int]:
     """Processes of ``uid`` that are not zombies (a zombie is dead: pid 1 reaps it when it gets to it)."""
+    return live_processes(lambda found: found == uid)
+
+
+def live_processes(uid_matches: Callable[[int], bool]) -> list[int]:
+    """The pids of live (non-zombie) processes whose real uid ``uid_matches``."""
     found = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -713,7 +719,8 @@ def _live_tasks(uid: int) -> list[int]:
             except OSError:
                 continue
             fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-            if fields.get("Uid", "").split()[:1] == [str(uid)] and not fields.get("State", "").strip().startswith("Z"):
+            uid = fields.get("Uid", "").split()[:1]
+            if uid and uid_matches(int(uid[0])) and not fields.get("State", "").strip().startswith("Z"):
                 found.append(int(entry.name))
     return found
 

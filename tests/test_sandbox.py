@@ -49,18 +49,7 @@ def _live_with(token: str) -> list[int]:
 def _our_uids_alive() -> list[int]:
     """Live processes running as one of the dedicated uids this test process's runs used."""
     low = sandbox.UID_BASE + ((os.getpid() & 0xFFFFF) << 8)
-    alive = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                status = Path(entry.path, "status").read_text()
-            except OSError:
-                continue
-            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-            uid = int(fields.get("Uid", "0").split()[0])
-            if low <= uid < low + 256 and not fields.get("State", "").strip().startswith("Z"):
-                alive.append(int(entry.name))
-    return alive
+    return sandbox.live_processes(lambda uid: low <= uid < low + 256)
 
 
 @pytest.fixture
