@@ -52,6 +52,7 @@ BENCH_FILE      = "{name}.bench.json"            # one per GGUF (flat: a directo
 BENCH_LOGPROBS  = "{variant}.logprobs"            # the unquantized GGUF's log-probabilities, the KLD reference
 EVAL_FILE       = "{name}.eval.json"             # one per evaluated GGUF, beside the server's log
 EVAL_LOG        = "{name}.server.log"
+EVAL_PAGES      = "{name}.pages"                 # frontend tests: each generated page and its screenshot
 SCOREBOARD      = "scoreboard.json"
 SCOREBOARD_MD   = "scoreboard.md"
 HEALED_DIR      = "healed"

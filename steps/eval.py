@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from steps import constants as C
 
 if TYPE_CHECKING:
     from steps.evalsuite import Reply, Test
@@ -37,6 +38,7 @@ DEFAULTS: dict[str, Any] = {"categories": None, "tests": None, "max_tokens": 512
 def build(ctx: Context) -> None:
     from steps import server
     from steps.evalsuite import CATEGORIES, Options, all_tests
+    from steps.evalsuite.frontend import browser_version
     stage = ctx.stage
     params = stage.params
     dep = next(d for d in stage.deps if d.split(":", 1)[0] in ("quantize", "convert"))
@@ -55,6 +57,12 @@ def build(ctx: Context) -> None:
             results = list(pool.map(runner.run, shared))
         results += [runner.run(t) for t in tests if t.solo]
     wall = time.monotonic() - started
+    for result in results:                     # pages and screenshots (frontend) beside the report
+        for name, data in result.pop("artifacts").items():
+            path = ctx.out / C.EVAL_PAGES.format(name=stage.name) / f"{result['id']}.{name}"
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(data)
+            result.setdefault("files", []).append(path.relative_to(ctx.out).as_posix())
     order = {t.id: i for i, t in enumerate(tests)}
     results.sort(key=lambda r: order[r["id"]])
     categories = {c: {"passed": sum(r["passed"] for r in results if r["category"] == c),
@@ -63,6 +71,7 @@ def build(ctx: Context) -> None:
     tokens = sum(r["completion_tokens"] for r in results)
     seconds = sum(r["generation_s"] for r in results)
     report = {"schema": 1, "gguf": gguf.name, "variant": params["variant"], "name": stage.name,
+              "browser": browser_version() if any(r["category"] == "frontend" for r in results) else None,
               "passed": sum(r["passed"] for r in results), "total": len(results), "categories": categories,
               "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0, "completion_tokens": tokens,
               "wall_s": round(wall, 2), "settings": {k: v for k, v in params.items() if k != "variant"},
@@ -103,13 +112,14 @@ class _Runner:
 
     def run(self, test: Test) -> dict[str, Any]:
         from steps.evalsuite import conduct
-        outcomes = []
+        outcomes, artifacts = [], {}
         for _ in range(self.params["repetitions"]):
             started = time.monotonic()
             try:
                 reply = conduct(test, self.ask, self.options)
                 grade = test.grade(reply)
                 passed, reason = grade.passed, grade.reason
+                artifacts = artifacts or dict(grade.artifacts)
                 timings = [t for turn in reply.turns or (reply,) for t in turn.timings]
             except Exception as exc:  # noqa: BLE001 - a server error or a grader crash is one failed test
                 passed, reason, timings = False, f"{type(exc).__name__}: {exc}"[:500], []
@@ -123,7 +133,15 @@ class _Runner:
                 "passes": sum(o["passed"] for o in outcomes), "repetitions": len(outcomes),
                 "latency_s": round(sum(o["latency_s"] for o in outcomes) / len(outcomes), 3),
                 "completion_tokens": sum(o["completion_tokens"] for o in outcomes),
-                "generation_s": round(sum(o["generation_s"] for o in outcomes), 3)}
+                "generation_s": round(sum(o["generation_s"] for o in outcomes), 3), "artifacts": artifacts}
+
+
+def uses_browser(params: dict[str, Any]) -> bool:
+    """Whether the eval runs frontend tests (their results depend on the browser, which its key then records)."""
+    if params.get("tests") is not None:
+        from steps.evalsuite import all_tests
+        return any(t.category == "frontend" for t in all_tests(params.get("categories"), params["tests"]))
+    return "frontend" in (params.get("categories") or ())
 
 
 def validate(check: Any, value: Any, base: Path, quantize: tuple[str, ...], outtype: str,

@@ -110,6 +110,10 @@ class Stage:
             tools.update(heal_machine())
         if self.kind == "eval":
             tools["suite"] = eval_code_digest()
+            from steps.eval import uses_browser
+            if uses_browser(self.params):
+                from steps.evalsuite.frontend import browser_version
+                tools["browser"] = browser_version()
         if self.kind == "merge" and os.environ.get("MERGEFORGE_MERGE_DEVICE", "cpu") != "cpu":
             # another device's arithmetic (and random stream) gives other bytes: another build
             tools["merge_device"] = os.environ["MERGEFORGE_MERGE_DEVICE"]

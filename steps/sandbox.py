@@ -2,17 +2,21 @@
 
 The capability suite executes code a model wrote; a hostile or broken reply must cost one failed test and nothing
 more. Every run gets a fresh working directory holding ``files``, a cleared environment, a wall-clock timeout, a
-64 KiB cap on each of stdout and stderr (read incrementally; the run is killed the moment a cap overflows, so 1 GB of
-output never reaches memory), and resource limits set by a small launcher that execs the program:
+64 KiB cap (``output_cap``) on each of stdout and stderr (read incrementally; the run is killed the moment a cap
+overflows, so 1 GB of output never reaches memory), and resource limits set by a small launcher that execs the
+program:
 
     RLIMIT_AS      memory_mb for Python (python, pytest, sql); memory_mb + 4096 MiB for node, whose V8 reserves
                    address space it never touches (measured here: 0.73 GB virtual for ``node -e 1``, 1.1 GB for a
                    1e6-object script; node does not start with 512 MiB, does with 1 GiB). For node the bound is
                    RLIMIT_DATA = memory_mb + 128 MiB (private writable memory: heap, Buffers, thread stacks) with
                    ``--max-old-space-size=memory_mb``.
+                   For ``browser`` (Chromium, whose V8 and allocators reserve terabytes of address space):
+                   RLIMIT_DATA = memory_mb, no RLIMIT_AS.
     RLIMIT_CPU     ceil(timeout_s) + 1 s per process (the wall-clock timeout usually fires first)
     RLIMIT_FSIZE   16 MiB per written file;  RLIMIT_CORE 0;  RLIMIT_NOFILE 256
-    processes      64 tasks (threads count), see below; and everything the run started is killed when it ends
+    processes      64 tasks (threads count; 512 for ``browser``: Chromium's processes and playwright's driver),
+                   see below; and everything the run started is killed when it ends
                    (and when the caller dies: bwrap --die-with-parent, else PR_SET_PDEATHSIG on the program)
 
 Modes (``sandbox_mode()``; detected once per process and cached; ``MERGEFORGE_SANDBOX=bwrap|rlimits|auto`` forces
@@ -68,7 +72,10 @@ Languages: ``python`` (argv like ``["solution_test.py"]``, run by this project's
 (a runner with Python's sqlite3: argv lists .sql files, executed in order against one in-memory database, or a file
 one with ``--db NAME``; each row of each statement that returns rows is printed as one JSON array per line, after
 its column names as a JSON array with ``--header``; an error goes to stderr with exit status 1), ``pytest``
-(``python -m pytest -p no:cacheprovider <argv>``, plugin autoloading off).
+(``python -m pytest -p no:cacheprovider <argv>``, plugin autoloading off), ``browser`` (a Python script, run like
+``python``, that drives a headless Chromium with playwright: the capability suite's frontend checks. bwrap also binds
+/etc/fonts and Debian's /etc/chromium read-only and gives it a 256 MiB /tmp and /dev/shm; Chromium runs with
+``--no-sandbox``: this sandbox is its sandbox, and in the rlimits fallback nothing but the rlimits confines it).
 
 ``SandboxResult.returncode`` is None when the sandbox stopped the run (timeout, output cap), otherwise the exit
 status, negative for a signal (also in bwrap mode, where bwrap reports 128 + N). ``killed`` says why it was
@@ -100,7 +107,7 @@ from pathlib import Path
 
 from steps.errors import MergeforgeError
 
-LANGUAGES = ("python", "javascript", "sql", "pytest")
+LANGUAGES = ("python", "javascript", "sql", "pytest", "browser")
 MODES = ("bwrap", "rlimits")
 OUTPUT_CAP = 64 * 1024            # bytes kept of stdout and of stderr; one byte more kills the run
 MAX_PROCS = 64                    # tasks (processes and threads) per run
@@ -110,6 +117,8 @@ TMP_TMPFS_MB = 16                 # bwrap: /tmp and /dev/shm
 NOFILE = 256
 NODE_VM_HEADROOM_MB = 4096        # node's address-space reservations on top of memory_mb
 NODE_DATA_HEADROOM_MB = 128
+BROWSER_PROCS = 512               # browser: Chromium's processes and threads, and playwright's node driver
+BROWSER_TMPFS_MB = 256            # browser: /tmp (its profile) and /dev/shm (its shared memory)
 UID_BASE = 1_600_000_000          # dedicated uids: UID_BASE + (pid << 8 | run counter), no user of the host
 WORKDIR = "/sandbox"              # the working directory inside bwrap
 ENV_MODE = "MERGEFORGE_SANDBOX"
@@ -118,6 +127,7 @@ _MEMORY_RE = re.compile(r"MemoryError|out of memory|Cannot allocate memory|alloc
 _FSIZE_RE = re.compile(r"File too large|EFBIG")
 _ETC = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives",
         "/etc/ssl/openssl.cnf")     # node reads OpenSSL's configuration at start-up
+_BROWSER_ETC = ("/etc/fonts", "/etc/chromium", "/etc/chromium.d")   # fontconfig; Debian's Chromium settings
 _counter = itertools.count()
 
 
@@ -265,7 +275,8 @@ def _uid_can_run(language: str) -> bool:
     smoke = {"python": [sys.executable, "-c", "import sqlite3"],
              "sql": [sys.executable, "-c", "import sqlite3"],
              "pytest": [sys.executable, "-m", "pytest", "--version"],
-             "javascript": [_node(), "-e", "0"]}[language]
+             "javascript": [_node(), "-e", "0"],
+             "browser": [sys.executable, "-c", "import playwright"]}[language]
     if smoke[0] is None:
         return False
     spec = {"rlimits": [], "cgroup": None, "uid": UID_BASE - 1, "argv": smoke}
@@ -335,7 +346,7 @@ def _strip(argv: list[str], names: set[str]) -> list[str]:
 def _command(language: str, argv: list[str], memory_mb: int) -> list[str]:
     py = sys.executable
     pynames = {"python", "python3", os.path.basename(py), f"python{sys.version_info[0]}.{sys.version_info[1]}"}
-    if language == "python":
+    if language in ("python", "browser"):
         return [py, *_strip(list(argv), pynames)]
     if language == "pytest":
         rest = _strip(list(argv), pynames)
@@ -352,12 +363,18 @@ def _command(language: str, argv: list[str], memory_mb: int) -> list[str]:
     return [node, f"--max-old-space-size={memory_mb}", *_strip(list(argv), {"node", "nodejs"})]
 
 
+def _max_procs(language: str) -> int:
+    return BROWSER_PROCS if language == "browser" else MAX_PROCS
+
+
 def _rlimits(language: str, timeout_s: float, memory_mb: int, nproc: int) -> list[tuple[str, int, int]]:
     mib = 1024 * 1024
     cpu = math.ceil(timeout_s) + 1
     limits = [("RLIMIT_CPU", cpu, cpu + 1), ("RLIMIT_FSIZE", FILE_SIZE_MB * mib, FILE_SIZE_MB * mib),
               ("RLIMIT_CORE", 0, 0), ("RLIMIT_NOFILE", NOFILE, NOFILE), ("RLIMIT_NPROC", nproc, nproc)]
-    if language == "javascript":
+    if language == "browser":    # Chromium and V8 reserve terabytes of address space: bound what they write
+        limits += [("RLIMIT_DATA", memory_mb * mib, memory_mb * mib)]
+    elif language == "javascript":
         limits += [("RLIMIT_AS", (memory_mb + NODE_VM_HEADROOM_MB) * mib, (memory_mb + NODE_VM_HEADROOM_MB) * mib),
                    ("RLIMIT_DATA", (memory_mb + NODE_DATA_HEADROOM_MB) * mib,
                     (memory_mb + NODE_DATA_HEADROOM_MB) * mib)]
@@ -370,7 +387,7 @@ def _env(language: str, home: str, tmp: str) -> dict[str, str]:
     path = [os.path.dirname(sys.executable), "/usr/local/bin", "/usr/bin", "/bin"]
     env = {"PATH": ":".join(dict.fromkeys(path)), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home,
            "TMPDIR": tmp, "USER": "sandbox", "LOGNAME": "sandbox"}
-    if language in ("python", "pytest", "sql"):
+    if language in ("python", "pytest", "sql", "browser"):
         env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONHASHSEED="0", PYTHONUTF8="1", PYTHONNOUSERSITE="1")
     if language == "pytest":
         env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
@@ -454,7 +471,7 @@ def _bwrap_args(language: str, root: bool) -> list[str]:
         elif os.path.isdir(top):
             args += ["--ro-bind", top, top]
     args += ["--perms", "0755", "--dir", "/etc", "--perms", "0755", "--dir", "/etc/ssl"]
-    for path in _ETC:
+    for path in _ETC + (_BROWSER_ETC if language == "browser" else ()):
         args += ["--ro-bind-try", path, path]
     made: set[str] = {"/"}
     for r in _ro_roots(language):
@@ -468,20 +485,22 @@ def _bwrap_args(language: str, root: bool) -> list[str]:
             made.add(d)
         args += ["--ro-bind", r, r]
         made.add(r)
-    args += ["--proc", "/proc", "--dev", "/dev", *_tmpfs("/tmp", "1777", TMP_TMPFS_MB),
-             *_tmpfs("/dev/shm", "1777", TMP_TMPFS_MB), *_tmpfs(WORKDIR, "0777", WORK_TMPFS_MB)]
+    tmp_mb = BROWSER_TMPFS_MB if language == "browser" else TMP_TMPFS_MB
+    args += ["--proc", "/proc", "--dev", "/dev", *_tmpfs("/tmp", "1777", tmp_mb),
+             *_tmpfs("/dev/shm", "1777", tmp_mb), *_tmpfs(WORKDIR, "0777", WORK_TMPFS_MB)]
     return args
 
 
 # ------------------------------------------------------------------------------------------------------- running
 
 def run_code(language: str, files: dict[str, str], argv: list[str], *, timeout_s: float = 10, memory_mb: int = 512,
-             stdin: str = "", mode: str | None = None) -> SandboxResult:
+             stdin: str = "", mode: str | None = None, output_cap: int = OUTPUT_CAP) -> SandboxResult:
     """Run model-written code in the sandbox and return what it printed, capped, and how it ended.
 
     ``files`` (relative path -> text) are written into a fresh working directory, the program's cwd and its only
     writable place; ``argv`` is the command after the interpreter (see the module docstring). ``mode`` overrides
-    sandbox_mode() (tests use it to exercise both)."""
+    sandbox_mode() (tests use it to exercise both); ``output_cap`` replaces OUTPUT_CAP (a browser check returns its
+    screenshot on stdout)."""
     _check_language(language)
     _sweep_stale()
     mode = mode or sandbox_mode()
@@ -489,11 +508,12 @@ def run_code(language: str, files: dict[str, str], argv: list[str], *, timeout_s
         raise ValueError(f"unknown sandbox mode {mode!r}; known: {', '.join(MODES)}")
     if mode == "bwrap" and _bwrap_probe() is not None:
         raise SandboxUnavailable(f"sandbox mode bwrap: {_bwrap_probe()}")
-    return _run(mode, language, files, argv, timeout_s=timeout_s, memory_mb=memory_mb, stdin=stdin)
+    return _run(mode, language, files, argv, timeout_s=timeout_s, memory_mb=memory_mb, stdin=stdin,
+                output_cap=output_cap)
 
 
 def _run(mode: str, language: str, files: dict[str, str], argv: list[str], *, timeout_s: float, memory_mb: int,
-         stdin: str) -> SandboxResult:
+         stdin: str, output_cap: int = OUTPUT_CAP) -> SandboxResult:
     checked = _check_files(files)
     if timeout_s <= 0 or memory_mb <= 0:
         raise ValueError("timeout_s and memory_mb must be positive")
@@ -512,7 +532,7 @@ def _run(mode: str, language: str, files: dict[str, str], argv: list[str], *, ti
     try:
         if mode == "bwrap":
             run_uid = uid if root else None
-            nproc = MAX_PROCS
+            nproc = _max_procs(language)
             prefix = _bwrap_args(language, root)
             made = {WORKDIR}
             for name, data in checked:
@@ -537,7 +557,7 @@ def _run(mode: str, language: str, files: dict[str, str], argv: list[str], *, ti
                 target = Path(workdir, name)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
-            nproc = MAX_PROCS
+            nproc = _max_procs(language)
             if root and _uid_can_run(language):
                 run_uid = uid
                 for dirpath, dirnames, filenames in os.walk(workdir):
@@ -548,9 +568,9 @@ def _run(mode: str, language: str, files: dict[str, str], argv: list[str], *, ti
                 if base is not None:
                     cgroup = base / f"{os.getpid()}-{uid & 0xFF}-{time.monotonic_ns()}"
                     cgroup.mkdir()
-                    (cgroup / "pids.max").write_text(str(MAX_PROCS))
+                    (cgroup / "pids.max").write_text(str(_max_procs(language)))
             else:
-                nproc = _user_tasks() + MAX_PROCS
+                nproc = _user_tasks() + _max_procs(language)
             prefix = []
             cwd, env = workdir, _env(language, workdir, workdir)
         spec = {"rlimits": _rlimits(language, timeout_s, memory_mb, nproc),
@@ -563,7 +583,7 @@ def _run(mode: str, language: str, files: dict[str, str], argv: list[str], *, ti
         fds = []
         try:
             out, err, timed_out, overflow = _collect(proc, start + timeout_s,
-                                                     lambda: _kill_all(proc, mode, run_uid, cgroup, info))
+                                                     lambda: _kill_all(proc, mode, run_uid, cgroup, info), output_cap)
         finally:
             _kill_all(proc, mode, run_uid, cgroup, info)
             try:
@@ -607,8 +627,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _collect(proc: subprocess.Popen, deadline: float, kill) -> tuple[bytes, bytes, bool, bool]:
-    """Read stdout and stderr as they come, up to OUTPUT_CAP each; stop at the deadline or on overflow."""
+def _collect(proc: subprocess.Popen, deadline: float, kill, cap: int = OUTPUT_CAP) -> tuple[bytes, bytes, bool, bool]:
+    """Read stdout and stderr as they come, up to ``cap`` bytes each; stop at the deadline or on overflow."""
     bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     sel = selectors.DefaultSelector()
     for f in bufs:
@@ -636,7 +656,7 @@ def _collect(proc: subprocess.Popen, deadline: float, kill) -> tuple[bytes, byte
                     sel.unregister(key.fileobj)
                     continue
                 buf = bufs[key.fileobj]
-                room = OUTPUT_CAP - len(buf)
+                room = cap - len(buf)
                 buf += chunk[:room]
                 if len(chunk) > room:
                     overflow = True

@@ -1,4 +1,5 @@
-"""The capability suite: 44 tests in 9 categories, each a request and a grader, for llama-server's OpenAI API.
+"""The capability suite: 44 tests in 9 categories, each a request and a grader, for llama-server's OpenAI API, and
+the optional ``frontend`` category (6 whole pages, parsed and loaded in a browser), run only when asked for.
 
     from steps import evalsuite
     for test in evalsuite.all_tests(categories=["basic"]):
@@ -19,19 +20,21 @@ from steps.evalsuite.core import (Grade, Message, Options, Reply, Script, Test, 
                                   registered)
 
 CATEGORIES = ("basic", "reasoning", "tools", "agentic", "structured", "context", "multilingual", "programming",
-              "performance")
+              "performance", "frontend")
+DEFAULT_CATEGORIES = CATEGORIES[:-1]                # frontend: long generations, asked for by name
 
-__all__ = ["CATEGORIES", "Grade", "Message", "Options", "Reply", "Script", "Test", "Timing", "ToolCall",
-           "all_tests", "conduct", "register", "suite_digest"]
+__all__ = ["CATEGORIES", "DEFAULT_CATEGORIES", "Grade", "Message", "Options", "Reply", "Script", "Test", "Timing",
+           "ToolCall", "all_tests", "conduct", "register", "suite_digest"]
 
 
 def all_tests(categories: Iterable[str] | None = None, ids: Iterable[str] | None = None) -> list[Test]:
-    """The registered tests in category order, optionally only those of ``categories`` and/or ``ids``;
-    ValueError naming an unknown category or id."""
+    """The registered tests in category order: those of ``categories`` (default: DEFAULT_CATEGORIES, or every
+    category when ``ids`` are given) and/or ``ids``; ValueError naming an unknown category or id."""
     for name in CATEGORIES:
         importlib.import_module(f"steps.evalsuite.{name}")
     tests = registered()
-    wanted_categories = set(CATEGORIES if categories is None else categories)
+    wanted_categories = set(categories if categories is not None else CATEGORIES if ids is not None
+                            else DEFAULT_CATEGORIES)
     wanted_ids = None if ids is None else set(ids)
     if unknown := sorted(wanted_categories - set(CATEGORIES)):
         raise ValueError(f"unknown test categories {unknown}; known: {', '.join(CATEGORIES)}")

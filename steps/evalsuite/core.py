@@ -19,6 +19,7 @@ Message = dict[str, Any]
 class Grade:
     passed: bool
     reason: str
+    artifacts: Mapping[str, bytes] = field(default_factory=dict)   # files the eval keeps (a page, its screenshot)
 
 
 def ok(reason: str) -> Grade:
