@@ -23,8 +23,8 @@ STAGE_VERSIONS = {
     "quantize": 1,
     "bench":    3,
     "heal":     1,
-    "scoreboard": 2,
-    "eval":     1,
+    "scoreboard": 3,
+    "eval":     2,
 }
 
 # Python packages whose versions enter each stage's key (llama.cpp's version is added for the llama.cpp stages).
@@ -36,8 +36,9 @@ STAGE_PACKAGES = {
     "quantize": (),
     "bench":    (),
     "heal":     ("torch", "transformers", "peft", "bitsandbytes", "safetensors"),
-    "scoreboard": (),
-    "eval":     ("openai", "jsonschema"),
+    "scoreboard": ("matplotlib",),
+    "eval":     ("openai", "jsonschema", "html5lib", "tinycss2", "tree-sitter", "tree-sitter-javascript",
+                 "playwright"),
 }
 LLAMA_CPP_STAGES = ("convert", "imatrix", "quantize", "bench", "eval")
 
@@ -55,8 +56,10 @@ EVAL_LOG        = "{name}.server.log"
 EVAL_PAGES      = "{name}.pages"                 # frontend tests: each generated page and its screenshot
 SCOREBOARD      = "scoreboard.json"
 SCOREBOARD_MD   = "scoreboard.md"
+SCOREBOARD_PNG  = "scoreboard.png"
 HEALED_DIR      = "healed"
 HEALED_SUFFIX   = "-healed"
+SOURCE_INFIX    = "-source-"                     # <recipe>-source-<name>: a source evaluated beside the merge
 LOCK_FILE       = "lock.json"
 MANIFEST_DIR    = ".mf"
 
@@ -67,5 +70,5 @@ GGUF_KEY_SOURCES = "mergeforge.sources"
 GGUF_KEY_VERSION = "mergeforge.version"
 
 SCHEMA_VERSION = 1
-SCOREBOARD_SCHEMA = 2
+SCOREBOARD_SCHEMA = 3
 DEFAULT_SHARD_BYTES = 5_000_000_000

@@ -34,7 +34,11 @@ logger = logging.getLogger(__name__)
 def build(ctx: Context) -> None:
     stage = ctx.stage
     chain = toolchain.locate()
-    merged = stage.build_dir / stage.params["model"]          # merged/, or healed/ for the healed variant
+    if "source" in stage.params:                               # a source model, evaluated beside the merge
+        from steps.fetch import source_dir
+        merged = source_dir(stage, stage.params["source"])
+    else:                                                      # merged/, or healed/ for the healed variant
+        merged = stage.build_dir / stage.params["model"]
     name = stage.outputs[0]
     classes = toolchain.converter_classes(merged)
     if "error" in classes["text"]:

@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EVAL_KEYS = ("ggufs", "categories", "tests", "max_tokens", "repetitions", "temperature", "seed", "timeout_s",
-             "needle_tokens", "thinking", "server")
-DEFAULTS: dict[str, Any] = {"categories": None, "tests": None, "max_tokens": 512, "repetitions": 1,
+EVAL_KEYS = ("ggufs", "sources", "categories", "tests", "max_tokens", "repetitions", "temperature", "seed",
+             "timeout_s", "needle_tokens", "thinking", "server")
+DEFAULTS: dict[str, Any] = {"sources": [], "categories": None, "tests": None, "max_tokens": 512, "repetitions": 1,
                             "temperature": 0.0, "seed": 0, "timeout_s": 300, "needle_tokens": 1500,
                             "thinking": "on", "server": {}}
 def build(ctx: Context) -> None:
@@ -57,12 +57,7 @@ def build(ctx: Context) -> None:
             results = list(pool.map(runner.run, shared))
         results += [runner.run(t) for t in tests if t.solo]
     wall = time.monotonic() - started
-    for result in results:                     # pages and screenshots (frontend) beside the report
-        for name, data in result.pop("artifacts").items():
-            path = ctx.out / C.EVAL_PAGES.format(name=stage.name) / f"{result['id']}.{name}"
-            path.parent.mkdir(exist_ok=True)
-            path.write_bytes(data)
-            result.setdefault("files", []).append(path.relative_to(ctx.out).as_posix())
+    keep_artifacts(results, ctx.out, stage.name)
     order = {t.id: i for i, t in enumerate(tests)}
     results.sort(key=lambda r: order[r["id"]])
     categories = {c: {"passed": sum(r["passed"] for r in results if r["category"] == c),
@@ -79,6 +74,17 @@ def build(ctx: Context) -> None:
     (ctx.out / f"{stage.name}.eval.json").write_text(json.dumps(report, indent=1) + "\n")
     ctx.record["eval"] = {k: report[k] for k in ("passed", "total", "categories", "tokens_per_s", "wall_s")}
     logger.info("eval %s: %d/%d passed in %.0f s", stage.name, report["passed"], report["total"], wall)
+
+
+def keep_artifacts(results: list[dict[str, Any]], out: Path, name: str) -> None:
+    """Each test's artifacts (a frontend test's page and screenshot) as ``<name>.pages/<test id>.<file>`` in ``out``,
+    listed in the test's result under "files"."""
+    for result in results:
+        for file, data in sorted(result.pop("artifacts").items()):
+            path = out / C.EVAL_PAGES.format(name=name) / f"{result['id']}.{file}"
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(data)
+            result.setdefault("files", []).append(path.relative_to(out).as_posix())
 
 
 class _Runner:
@@ -145,8 +151,10 @@ def uses_browser(params: dict[str, Any]) -> bool:
 
 
 def validate(check: Any, value: Any, base: Path, quantize: tuple[str, ...], outtype: str,
-             categories: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Path]]:
-    """The recipe's ``eval:`` block, normalized (every default filled), and its files (a chat template)."""
+             categories: tuple[str, ...], sources: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The recipe's ``eval:`` block, normalized (every default filled), and its files (a chat template).
+    ``sources``: source models converted, quantized (to the evaluated quants), benched and evaluated the same way, so
+    the scoreboard can show them beside the merge."""
     from steps.server import SERVER_DEFAULTS
     spec = dict(check.mapping(value if value is not None else {}, "eval", EVAL_KEYS))
     out = {**DEFAULTS, **spec}
@@ -158,6 +166,14 @@ def validate(check: Any, value: Any, base: Path, quantize: tuple[str, ...], outt
     for i, name in enumerate(out["ggufs"]):
         if name not in choices:
             raise check.fail(f"eval.ggufs[{i}]", f"{name!r} is not a GGUF of this recipe; one of {', '.join(choices)}")
+    if not isinstance(out["sources"], list) or not all(isinstance(x, str) for x in out["sources"]):
+        raise check.fail("eval.sources", "expected a list of source names")
+    for i, name in enumerate(out["sources"]):
+        if name not in sources:
+            raise check.fail(f"eval.sources[{i}]", f"{name!r} is not a source of this recipe; one of "
+                             f"{', '.join(sources)}")
+    if len(set(out["sources"])) != len(out["sources"]):
+        raise check.fail("eval.sources", "a source is listed twice")
     for key, known in (("categories", categories), ("tests", None)):
         if out[key] is not None:
             if not isinstance(out[key], list) or not out[key] or not all(isinstance(x, str) for x in out[key]):

@@ -130,6 +130,14 @@ def variants(recipe: Recipe) -> list[tuple[str, str, str]]:
     return found
 
 
+def source_variants(recipe: Recipe) -> list[tuple[str, str]]:
+    """The source models the recipe evaluates beside the merge (``eval.sources``): (variant name, source name).
+    Each is converted, quantized to the evaluated quants, benched and evaluated like the merge, as
+    ``<recipe>-source-<name>``."""
+    names = (recipe.eval or {}).get("sources") or []
+    return [(f"{recipe.name}{C.SOURCE_INFIX}{name}", name) for name in names]
+
+
 def plan(recipe: Recipe) -> list[Stage]:
     n = recipe.name
     stages = [Stage("fetch", n, recipe, {k: s.spec for k, s in recipe.sources.items()},
@@ -140,19 +148,27 @@ def plan(recipe: Recipe) -> list[Stage]:
     if recipe.heal is not None:
         stages.append(Stage("heal", n, recipe, recipe.heal, deps=(f"merge:{n}",), files=recipe.heal_files,
                             outputs=(f"{C.HEALED_DIR}/config.json",)))
+    for v, source in source_variants(recipe):
+        evaluated = set(recipe.eval["ggufs"]) if recipe.eval else set()
+        stages += _variant_stages(recipe, v, f"fetch:{n}", {"source": source},
+                                  quants=[q for q in recipe.quantize if q in evaluated])
     for v, made_by, model_dir in variants(recipe):
-        stages += _variant_stages(recipe, v, made_by, model_dir)
+        stages += _variant_stages(recipe, v, made_by, {"model": model_dir})
     gathered = tuple(st.id for st in stages if st.kind in ("bench", "eval"))
     if gathered:
-        stages.append(Stage("scoreboard", n, recipe, {"variants": [v for v, _, _ in variants(recipe)]},
+        merged = [v for v, _, _ in variants(recipe)]
+        stages.append(Stage("scoreboard", n, recipe,
+                            {"variants": [v for v, _ in source_variants(recipe)] + merged, "compare": merged},
                             deps=gathered, outputs=(C.SCOREBOARD, C.SCOREBOARD_MD)))
     return stages
 
 
-def _variant_stages(recipe: Recipe, v: str, made_by: str, model_dir: str) -> list[Stage]:
-    """convert, imatrix, each quant and bench of one variant."""
+def _variant_stages(recipe: Recipe, v: str, made_by: str, model: dict[str, str],
+                    quants: list[str] | None = None) -> list[Stage]:
+    """convert, imatrix, each quant (``quants``, default every one), bench and eval of one variant. ``model``:
+    {"model": its directory in build/} or {"source": a source's name} (read where fetch put it)."""
     gguf_name = C.BF16_GGUF.format(recipe=v, outtype=recipe.gguf["outtype"].upper())
-    stages = [Stage("convert", v, recipe, {**recipe.gguf, "recipe": v, "model": model_dir}, deps=(made_by,),
+    stages = [Stage("convert", v, recipe, {**recipe.gguf, "recipe": v, **model}, deps=(made_by,),
                     outputs=(gguf_name,))]
     upstream: tuple[str, ...] = (f"convert:{v}",)
     if recipe.imatrix is not None:
@@ -161,30 +177,31 @@ def _variant_stages(recipe: Recipe, v: str, made_by: str, model_dir: str) -> lis
                             files={"calibration": recipe.calibration} if recipe.calibration else {},
                             outputs=(C.IMATRIX_FILE.format(recipe=v),)))
         upstream = (*upstream, f"imatrix:{v}")
-    quants = []
-    for qname in recipe.quantize:
+    wanted = list(recipe.quantize if quants is None else quants)
+    quant_ids = []
+    for qname in wanted:
         spec = recipe.quant_specs.get(qname, {"type": qname})
         if "split_max_size" in recipe.gguf:
             spec = {**spec, "split_max_size": recipe.gguf["split_max_size"]}
         quant = Stage("quantize", f"{v}-{qname}", recipe, spec, deps=upstream,
                       outputs=(C.QUANT_GGUF.format(recipe=v, qtype=qname),))
-        quants.append(quant.id)
+        quant_ids.append(quant.id)
         stages.append(quant)
     if recipe.bench is not None:
         params = {**{k: val for k, val in recipe.bench.items() if k != "heldout"}, "variant": v}
         files = {"heldout": recipe.heldout} if recipe.heldout else {}
         stages.append(Stage("bench", v, recipe, params, deps=(f"convert:{v}",), files=files,
                             outputs=(C.BENCH_FILE.format(name=v), C.BENCH_LOGPROBS.format(variant=v))))
-        for quant in quants:
+        for quant in quant_ids:
             name = quant.split(":", 1)[1]
             stages.append(Stage("bench", name, recipe, params, deps=(f"bench:{v}", quant), files=files,
                                 outputs=(C.BENCH_FILE.format(name=name),)))
     if recipe.eval is not None:
         outtype = recipe.gguf["outtype"].upper()
-        for gguf in recipe.eval["ggufs"]:
+        for gguf in [g for g in recipe.eval["ggufs"] if g in wanted or g == outtype]:
             name = f"{v}-{gguf}"
             made_by = f"convert:{v}" if gguf == outtype else f"quantize:{name}"
-            stages.append(Stage("eval", name, recipe, {**recipe.eval, "ggufs": None, "variant": v},
+            stages.append(Stage("eval", name, recipe, {**recipe.eval, "ggufs": None, "sources": None, "variant": v},
                                 deps=(made_by,), files=recipe.eval_files,
                                 outputs=(C.EVAL_FILE.format(name=name), C.EVAL_LOG.format(name=name))))
     return stages

@@ -264,7 +264,8 @@ def load(file: str | Path) -> Recipe:
     if "eval" in raw:
         from steps import eval as eval_stage
         from steps.evalsuite import CATEGORIES
-        evals, eval_files = eval_stage.validate(check, raw["eval"], base, quantize, gguf["outtype"], CATEGORIES)
+        evals, eval_files = eval_stage.validate(check, raw["eval"], base, quantize, gguf["outtype"], CATEGORIES,
+                                                tuple(sources))
     return Recipe(name, file, sources, merge, gguf, imatrix, quantize, bench, calibration, heldout, quant_specs,
                   heal, heal_files, publish, evals, eval_files)
 

@@ -51,12 +51,12 @@ def evaluated(workspace: Workspace, tiny_llama: Path, llama_cpp) -> Workspace:  
 
 
 def test_every_test_is_graded_into_the_scoreboard(evaluated: Workspace) -> None:
-    from steps.evalsuite import CATEGORIES, all_tests
+    from steps.evalsuite import DEFAULT_CATEGORIES, all_tests
     out = evaluated.build / "tiny"
     report = json.loads((out / "tiny-Q8_0.eval.json").read_text())
     assert report["total"] == len(all_tests()) == 44
     assert all(isinstance(t["passed"], bool) and t["reason"] for t in report["tests"])
-    assert set(report["categories"]) == set(CATEGORIES)
+    assert set(report["categories"]) == set(DEFAULT_CATEGORIES)
     assert "llama-server" in (out / "tiny-Q8_0.server.log").read_text() or (out / "tiny-Q8_0.server.log").stat().st_size
     board = json.loads((out / "scoreboard.json").read_text())
     row = next(r for r in board["models"] if r["type"] == "Q8_0")
@@ -103,3 +103,28 @@ def test_kill_9_of_doit_mid_eval_leaves_no_server(workspace: Workspace, tiny_lla
     assert "eval:tiny-Q8_0" in resumed.executed
     assert json.loads((workspace.build / "tiny" / "tiny-Q8_0.eval.json").read_text())["total"] == 44
     assert not servers() - before
+
+
+def test_sources_are_evaluated_beside_the_merge_with_the_optional_frontend_category(
+        workspace: Workspace, tiny_llama: Path, llama_cpp) -> None:  # type: ignore[no-untyped-def]
+    recipe = eval_recipe(tiny_llama).replace("  ggufs: [Q8_0]\n", "  ggufs: [Q8_0]\n  sources: [a]\n"
+                                             "  categories: [basic, frontend]\n  tests: [ping, snake_game]\n")
+    workspace.write_recipe("tiny", recipe)
+    done = workspace.doit()
+    assert {"convert:tiny-source-a", "quantize:tiny-source-a-Q8_0", "bench:tiny-source-a-Q8_0",
+            "eval:tiny-source-a-Q8_0", "eval:tiny-Q8_0"} <= set(done.executed)
+    out = workspace.build / "tiny"
+    for name in ("tiny-Q8_0", "tiny-source-a-Q8_0"):
+        report = json.loads((out / f"{name}.eval.json").read_text())
+        assert [t["id"] for t in report["tests"]] == ["ping", "snake_game"]
+        assert report["categories"]["frontend"]["total"] == 1
+    board = json.loads((out / "scoreboard.json").read_text())
+    assert board["variants"] == ["tiny-source-a", "tiny"] and board["compare"] == ["tiny"]
+    rows = {(r["variant"], r["type"]): r for r in board["models"]}
+    assert rows[("tiny-source-a", "Q8_0")]["eval"]["tests"][1]["id"] == "snake_game"
+    assert rows[("tiny", "Q8_0")]["kld_mean"] is not None and rows[("tiny-source-a", "Q8_0")]["kld_mean"] is not None
+    table = (out / "scoreboard.md").read_text()
+    assert "| Figure | source a | raw merge |" in table and "| Q8_0 frontend |" in table
+    assert (out / "scoreboard.png").read_bytes().startswith(b"\x89PNG") and board["chart"] == "scoreboard.png"
+    # the source's GGUF is the source itself: 4 layers of a, as the 4-layer passthrough of a is
+    assert rows[("tiny-source-a", "base")]["ppl"] == pytest.approx(rows[("tiny", "base")]["ppl"], rel=1e-3)

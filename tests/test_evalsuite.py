@@ -585,3 +585,14 @@ def test_text_tool_calls() -> None:
                              "</parameter>\n</function>") == [("f", '{"n": 3, "s": "hi there"}')]
     assert T.text_tool_calls("The answer is {1, 2}.") == []
     assert T.text_tool_calls('{"answer": 144}') == []
+
+
+def test_artifacts_of_a_test_are_kept_beside_the_report(tmp_path: Path) -> None:
+    from steps.eval import keep_artifacts
+    results = [{"id": "snake_game", "artifacts": {"page.html": b"<html>", "screenshot.png": b"\x89PNG"}},
+               {"id": "ping", "artifacts": {}}]
+    keep_artifacts(results, tmp_path, "demo-Q4_K_M")
+    assert results[0]["files"] == ["demo-Q4_K_M.pages/snake_game.page.html",
+                                   "demo-Q4_K_M.pages/snake_game.screenshot.png"]
+    assert "files" not in results[1] and "artifacts" not in results[0]
+    assert (tmp_path / "demo-Q4_K_M.pages" / "snake_game.screenshot.png").read_bytes() == b"\x89PNG"
