@@ -8,7 +8,8 @@ speed-up from running tests concurrently on llama-server's parallel slots agains
 
 In a temporary workspace: `doit quantize` of the raw demo merge (restored from --store when it holds it), then
 `python -m steps.eval demo-<GGUF>` for each GGUF with the demo's eval settings and ``server.parallel`` 2 (the
-demo's), and once more for the first GGUF with ``server.parallel`` 1, each under a peak-RSS wrapper. The evals use
+demo's), and once more for the first GGUF with ``server.parallel`` 1, each under a peak-RSS wrapper (the largest
+single process: the runner or its llama-server). The evals use
 a store of their own, so nothing is restored. Prints one JSON object per run and a summary with the speed-up
 (wall time with 1 slot / wall time with N slots; the timed performance tests run alone in both).
 
@@ -54,7 +55,7 @@ def run_eval(ws: Path, env: dict[str, str], name: str) -> dict[str, object]:
     return {"gguf": report["gguf"], "parallel": report["settings"]["server"].get("parallel", 1),
             "process_seconds": round(seconds, 1), "suite_wall_s": report["wall_s"], "passed": report["passed"],
             "total": report["total"], "tokens_per_s": report["tokens_per_s"],
-            "completion_tokens": report["completion_tokens"], "peak_rss_mib_of_runner": round(peak / 1024)}
+            "completion_tokens": report["completion_tokens"], "peak_rss_mib": round(peak / 1024)}
 
 
 def model_run(args: argparse.Namespace) -> None:
