@@ -42,7 +42,9 @@ def build(ctx: Context) -> None:
     stage = ctx.stage
     params = stage.params
     dep = next(d for d in stage.deps if d.split(":", 1)[0] in ("quantize", "convert"))
-    gguf = stage.build_dir / ctx.upstream_file(dep.split(":", 1)[0])
+    rel = ctx.upstream_file(dep.split(":", 1)[0])
+    gguf = stage.build_dir / rel
+    made = ctx.upstream(dep.split(":", 1)[0])["outputs"].get(rel, {})
     tests = all_tests(params["categories"], params["tests"])
     options = {**params["server"]}
     if options.get("chat_template"):
@@ -66,6 +68,7 @@ def build(ctx: Context) -> None:
     tokens = sum(r["completion_tokens"] for r in results)
     seconds = sum(r["generation_s"] for r in results)
     report = {"schema": 1, "gguf": gguf.name, "variant": params["variant"], "name": stage.name,
+              "digest": made.get("digest"), "size": made.get("size"),
               "browser": browser_version() if any(r["category"] == "frontend" for r in results) else None,
               "passed": sum(r["passed"] for r in results), "total": len(results), "categories": categories,
               "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0, "completion_tokens": tokens,

@@ -43,7 +43,8 @@ def build(ctx: Context) -> None:
         qtype = "base" if qtype == outtype else qtype
         row = next((r for r in rows if r["variant"] == report["variant"] and r["type"] == qtype), None)
         if row is None:
-            row = {"variant": report["variant"], "type": qtype, "file": report["gguf"]}
+            row = {"variant": report["variant"], "type": qtype, "file": report["gguf"],
+                   **{k: report[k] for k in ("digest", "size") if report.get(k) is not None}}
             rows.append(row)
         row["eval"] = {k: report[k] for k in ("passed", "total", "categories", "tokens_per_s", "wall_s")}
         row["eval"]["browser"] = report.get("browser")

@@ -48,8 +48,13 @@ def test_a_page_meeting_every_requirement_passes_in_the_browser(test_id: str) ->
 def _broken() -> list[tuple[str, str, str, str]]:
     """(test id, page, expected words in the reason, case name): each a good page broken one way."""
     w, p, a, s = GOOD["weather_dashboard"], GOOD["product_page"], GOOD["analytics_dashboard"], GOOD["snake_game"]
-    r = GOOD["registration_wizard"]
+    r, lp = GOOD["registration_wizard"], GOOD["landing_page"]
     cases = [
+        ("landing_page", lp.replace("nav.classList.toggle(\"scrolled\", window.scrollY > 50)", "null"),
+         "nav gets `scrolled` on scroll", "nav never scrolled"),
+        ("landing_page", lp.replace("const observer = new IntersectionObserver(", "const observer = new Watcher(")
+         .replace("document.querySelectorAll(\".reveal\").forEach((el) => observer.observe(el));", ""),
+         "IntersectionObserver", "no IntersectionObserver"),
         ("snake_game", s.replace("requestAnimationFrame(loop);\n}", "requestAnimationFrame(loop;\n}"),
          "JavaScript parses", "missing paren (the seed's failure)"),
         ("weather_dashboard", w.replace("gap: .5rem; margin-top: 1rem; }", "gap: .5rem; margin-top: 1rem;"),

@@ -1,0 +1,35 @@
+"""The scoreboard's table and chart from a hand-made board: the seed's layout (source | raw merge | healed | Delta)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from steps import scoreboard
+
+
+def board() -> dict:
+    def evaluated(passed: int, programming: int) -> dict:
+        return {"passed": passed, "total": 44, "tokens_per_s": 50.0, "wall_s": 60.0,
+                "categories": {"basic": {"passed": passed - programming, "total": 29},
+                               "programming": {"passed": programming, "total": 15}}}
+    return {"recipe": "m", "variants": ["m-source-a", "m", "m-healed"], "compare": ["m", "m-healed"], "models": [
+        {"variant": "m-source-a", "type": "Q4_K_M", "size": 5.3e9, "ppl": 7.0, "kld_mean": 0.01,
+         "eval": evaluated(41, 13)},
+        {"variant": "m", "type": "Q4_K_M", "size": 9.2e9, "ppl": 8.0, "kld_mean": 0.02, "eval": evaluated(39, 11)},
+        {"variant": "m-healed", "type": "Q4_K_M", "size": 9.2e9, "ppl": 7.5, "kld_mean": 0.015,
+         "eval": evaluated(40, 12)}]}
+
+
+def test_the_table_has_a_column_per_variant_and_healed_minus_raw() -> None:
+    table = scoreboard.markdown(board())
+    assert "| Figure | source a | raw merge | healed | Delta |" in table
+    assert "| Q4_K_M programming | 13/15 | 11/15 | 12/15 | +1 |" in table
+    assert "| Q4_K_M TOTAL | 41/44 | 39/44 | 40/44 | +1 |" in table
+    assert "| Q4_K_M PPL | 7.000 | 8.000 | 7.500 | -0.500 |" in table
+    assert "| Q4_K_M size (MB) | 5300 | 9200 | 9200 | +0 |" in table
+
+
+def test_the_chart_plots_score_and_kld_against_size(tmp_path: Path) -> None:
+    assert scoreboard.chart(board(), tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    empty = {"recipe": "m", "variants": ["m"], "models": [{"variant": "m", "type": "base", "size": 1e9, "ppl": 8.0}]}
+    assert not scoreboard.chart(empty, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
