@@ -46,6 +46,8 @@ def build(ctx: Context) -> None:
     gguf = stage.build_dir / rel
     made = ctx.upstream(dep.split(":", 1)[0])["outputs"].get(rel, {})
     tests = all_tests(params["categories"], params["tests"])
+    for noisy in ("httpx", "openai"):            # one INFO line per request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     options = {**params["server"]}
     if options.get("chat_template"):
         options["chat_template"] = stage.files["chat_template"]

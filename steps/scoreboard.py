@@ -130,14 +130,16 @@ def chart(board: dict[str, Any], dest: Path) -> bool:
     panels = [p for p in panels if p[0]]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), dpi=100, squeeze=False)
     colours = {v: f"C{i}" for i, v in enumerate(board["variants"])}
+    markers = {v: ("o", "s", "^", "D", "v")[i % 5] for i, v in enumerate(board["variants"])}   # ties stay visible
+    sizes = {v: 9 - 1.5 * (i % 4) for i, v in enumerate(board["variants"])}
     for ax, (found, ylabel, value) in zip(axes[0], panels, strict=True):
         for variant in board["variants"]:
             points = sorted((r["size"] / scale, value(r), _type_label(r["type"])) for r in found
                             if r["variant"] == variant)
             if not points:
                 continue
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colours[variant],
-                    label=_label(board["recipe"], variant))
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[variant],
+                    markersize=sizes[variant], color=colours[variant], label=_label(board["recipe"], variant))
             for x, y, text in points:
                 ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel(f"GGUF size ({unit})")

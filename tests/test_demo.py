@@ -47,20 +47,25 @@ def test_demo_heal_closes_part_of_the_seam(demo: Workspace) -> None:
     for every quant."""
     out = demo.build / "demo"
     board = json.loads((out / "scoreboard.json").read_text())
-    assert board["variants"] == ["demo", "demo-healed"]
+    assert board["variants"] == ["demo-source-smollm2", "demo", "demo-healed"]
     rows = {(r["variant"], r["type"]): r for r in board["models"]}
     for qtype in ("base", "Q4_K_M", "Q8_0"):
         assert rows[("demo-healed", qtype)]["ppl"] < rows[("demo", qtype)]["ppl"], qtype
+    # the stack costs the source's quality, which the heal wins back in part
+    for qtype in ("base", "Q4_K_M"):
+        assert rows[("demo-source-smollm2", qtype)]["ppl"] < rows[("demo", qtype)]["ppl"], qtype
+    assert ("demo-source-smollm2", "Q8_0") not in rows          # a source gets the evaluated quants only
     losses = [e["loss"] for e in json.loads((out / "loss.json").read_text())]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
-    assert "| Figure | raw merge | healed | Delta |" in (out / "scoreboard.md").read_text()
+    assert "| Figure | source smollm2 | raw merge | healed | Delta |" in (out / "scoreboard.md").read_text()
+    assert (out / "scoreboard.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_demo_evaluates_its_q4_k_m(demo: Workspace) -> None:
-    """Both variants' Q4_K_M through the 44-test suite against llama-server: every test ran and was graded (a
-    135M model fails most of them)."""
+    """The source's and both variants' Q4_K_M through the 44-test suite against llama-server: every test ran and was
+    graded (a 135M model fails most of them)."""
     out = demo.build / "demo"
-    for name in ("demo-Q4_K_M", "demo-healed-Q4_K_M"):
+    for name in ("demo-source-smollm2-Q4_K_M", "demo-Q4_K_M", "demo-healed-Q4_K_M"):
         report = json.loads((out / f"{name}.eval.json").read_text())
         assert report["total"] == 44 and all(t["reason"] for t in report["tests"])
         assert report["tokens_per_s"] > 0
