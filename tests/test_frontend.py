@@ -103,6 +103,13 @@ def test_a_reply_without_a_page_fails(text: str, why: str) -> None:
     assert not result.passed and why in result.reason
 
 
+def test_an_unlabelled_block_of_markup_is_graded_as_the_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(F, "browser_executable", lambda: None)
+    result = TESTS["weather_dashboard"].grade(Reply("```\n<style> #forecast { width: 100px; }\n<script> <script>\n```"))
+    assert not result.passed and "checks" in result.reason and "HTML parses" in result.reason, result.reason
+    assert result.artifacts["page.html"].startswith(b"<style>")
+
+
 def test_without_a_browser_the_structure_is_still_graded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(F, "browser_executable", lambda: None)
     good = grade("product_page", GOOD["product_page"])

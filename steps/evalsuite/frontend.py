@@ -393,13 +393,16 @@ def in_browser(page: Page, checks: list[Check]) -> dict[str, Any] | str:
 
 def page_html(reply: Reply) -> str | None:
     """The page: the first ```html block, else the first fenced block that is a document (starts with a doctype or
-    <html>), else the text itself when it is one."""
+    <html>), else the first unlabelled block that starts with a tag, else the text itself when it is a document."""
     blocks = code_blocks(reply.text)
     for lang, code in blocks:
         if lang in ("html", "htm", "xhtml"):
             return code
     for _, code in blocks:
         if re.match(r"(?i)\s*(<!--.*?-->\s*)*(<!doctype html|<html[\s>])", code, re.S):
+            return code
+    for lang, code in blocks:     # an unlabelled block of markup: graded as the page it would be in a browser
+        if lang in ("", "text", "markup", "xml", "svg") and re.match(r"\s*<[!a-zA-Z]", code):
             return code
     text = reply.text.strip()
     return text if re.match(r"(?i)(<!doctype html|<html[\s>])", text) else None
@@ -408,7 +411,7 @@ def page_html(reply: Reply) -> str | None:
 def grade_page(reply: Reply, checks: list[Check]) -> Grade:
     html = page_html(reply)
     if html is None:
-        return fail("no HTML document (no ```html block)")
+        return fail(f"no HTML document (no ```html block): {clip(reply.text, 120)!r}")
     page = Page.parse(html)
     results: list[tuple[str, bool, str]] = [
         ("HTML parses", not page.html_errors, f"{len(page.html_errors)} html5lib errors, first: "
