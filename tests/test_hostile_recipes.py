@@ -326,6 +326,16 @@ def unknown_source_key(ws: Workspace, model: Path) -> tuple[str, ...]:
     return str(f), "sources.a.paht", "did you mean 'path'?"
 
 
+def eval_unknown_source(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model, "quantize: [Q8_0]\neval: {sources: [b]}\n"))
+    return str(f), "eval.sources[0]", "'b' is not a source of this recipe"
+
+
+def eval_unknown_category(ws: Workspace, model: Path) -> tuple[str, ...]:
+    f = write(ws, "r.yaml", good(model, "quantize: [Q8_0]\neval: {categories: [basic, front-end]}\n"))
+    return str(f), "eval.categories[1]", "unknown category 'front-end'"
+
+
 def recipes_directory_missing(ws: Workspace, model: Path) -> tuple[str, ...]:
     return str(ws.path / "nowhere"), "no such recipes directory", "MERGEFORGE_RECIPES"
 
@@ -341,7 +351,7 @@ CASES: list[Setup] = [
     bench_without_heldout, context_zero, context_absurd, missing_merge, merge_is_null, quantize_not_a_list,
     quantize_twice, layer_range_float, layer_range_reversed, hub_source, package_bad_sha, package_without_file,
     package_unpinned, two_kinds_of_source, empty_sources, unknown_outtype, unknown_source_key,
-    recipes_directory_missing,
+    eval_unknown_source, eval_unknown_category, recipes_directory_missing,
 ]
 
 
