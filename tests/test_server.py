@@ -53,13 +53,17 @@ def test_serves_and_stops(gguf: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     assert "127.0.0.1" in (tmp_path / "server.log").read_text()
 
 
-def test_stops_when_the_block_fails(gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt], ids=["failure", "ctrl-c"])
+def test_stops_when_the_block_fails(error: type[BaseException], gguf: Path, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from steps import server
     monkeypatch.setenv("MERGEFORGE_STORE", str(tmp_path / "cache"))
     before = set(servers())
-    with pytest.raises(RuntimeError), server.serve(gguf, {"context": 512}, tmp_path / "server.log"):
-        raise RuntimeError("a failing eval")
+    with pytest.raises(error), server.serve(gguf, {"context": 512}, tmp_path / "server.log"):
+        assert set(servers()) - before
+        raise error("a failing eval, or Ctrl-C in the middle of one")
     assert set(servers()) <= before
+    assert not list((tmp_path / "cache" / "servers").glob("*.json"))
 
 
 def test_dies_with_a_killed_parent_and_is_reaped(gguf: Path, tmp_path: Path,
