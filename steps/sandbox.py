@@ -473,7 +473,10 @@ def _bwrap_args(language: str, root: bool) -> list[str]:
     args += ["--perms", "0755", "--dir", "/etc", "--perms", "0755", "--dir", "/etc/ssl"]
     for path in _ETC + (_BROWSER_ETC if language == "browser" else ()):
         args += ["--ro-bind-try", path, path]
-    made: set[str] = {"/"}
+    # the private /tmp first: a root below /tmp (a checkout or venv there) is then bound on top of it, not hidden
+    tmp_mb = BROWSER_TMPFS_MB if language == "browser" else TMP_TMPFS_MB
+    args += _tmpfs("/tmp", "1777", tmp_mb)
+    made: set[str] = {"/", "/tmp"}
     for r in _ro_roots(language):
         parent = os.path.dirname(r)
         chain = []
@@ -485,9 +488,8 @@ def _bwrap_args(language: str, root: bool) -> list[str]:
             made.add(d)
         args += ["--ro-bind", r, r]
         made.add(r)
-    tmp_mb = BROWSER_TMPFS_MB if language == "browser" else TMP_TMPFS_MB
-    args += ["--proc", "/proc", "--dev", "/dev", *_tmpfs("/tmp", "1777", tmp_mb),
-             *_tmpfs("/dev/shm", "1777", tmp_mb), *_tmpfs(WORKDIR, "0777", WORK_TMPFS_MB)]
+    args += ["--proc", "/proc", "--dev", "/dev", *_tmpfs("/dev/shm", "1777", tmp_mb),
+             *_tmpfs(WORKDIR, "0777", WORK_TMPFS_MB)]
     return args
 
 

@@ -6,6 +6,7 @@ process unharmed. Where the fallback documents that it does not protect somethin
 from __future__ import annotations
 
 import os
+import shutil
 import pwd
 import resource
 import signal
@@ -471,9 +472,20 @@ def test_killing_the_caller_leaves_no_orphan(mode, tmp_path):
 def test_mode_detection():
     """bwrap wherever it works (the mode is detected once and cached); every result says its mode."""
     assert MODES[-1] == "rlimits"
+    if os.environ.get("CI") and shutil.which("bwrap"):     # CI installs bubblewrap: both modes must be exercised
+        assert MODES[0] == "bwrap", sandbox._bwrap_probe()
     if os.environ.get(sandbox.ENV_MODE, "auto") in ("", "auto"):
         assert sandbox.sandbox_mode() == MODES[0]
     assert run_code("python", {"a.py": "pass"}, ["a.py"]).mode == sandbox.sandbox_mode()
     for language in sandbox.LANGUAGES:
         assert sandbox.describe(language, "bwrap").filesystem_isolated
         assert not sandbox.describe(language, "rlimits").network_isolated
+
+
+def test_a_root_below_tmp_is_bound_over_the_private_tmp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkout (its venv) under /tmp: the private /tmp tmpfs is mounted first, the venv bound on top of it."""
+    monkeypatch.setattr(sandbox, "_ro_roots", lambda language: ["/tmp/clone/.venv"])
+    args = sandbox._bwrap_args("python", root=True)
+    tmpfs = max(i for i, a in enumerate(args) if a == "--tmpfs" and args[i + 1] == "/tmp")
+    bind = max(i for i, a in enumerate(args) if a == "--ro-bind" and args[i + 1] == "/tmp/clone/.venv")
+    assert tmpfs < bind
