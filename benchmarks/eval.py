@@ -61,19 +61,14 @@ def run_eval(ws: Path, env: dict[str, str], name: str) -> dict[str, object]:
 def model_run(args: argparse.Namespace) -> None:
     """The suite on a GGUF given by path (GPU offload when the toolchain has CUDA)."""
     from steps import server
-    from steps.eval import DEFAULTS, _Runner
-    from steps.evalsuite import Options, all_tests
+    from steps.eval import DEFAULTS, run_suite
+    from steps.evalsuite import all_tests
     params = {**DEFAULTS, "max_tokens": args.max_tokens or 512, "server": {"parallel": args.parallel,
                                                                           "context": 8192}}
-    tests = all_tests()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.monotonic()
         with server.serve(Path(args.model), params["server"], Path(tmp) / "server.log", timeout_s=600) as url:
-            runner = _Runner(url, params, Options(needle_tokens=params["needle_tokens"]))
-            from concurrent.futures import ThreadPoolExecutor
-            with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-                results = list(pool.map(runner.run, [t for t in tests if not t.solo]))
-            results += [runner.run(t) for t in tests if t.solo]
+            results = run_suite(url, params, all_tests())
         wall = time.monotonic() - started
     tokens = sum(r["completion_tokens"] for r in results)
     seconds = sum(r["generation_s"] for r in results)

@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {"sources": [], "categories": None, "tests": None, "m
                             "thinking": "on", "server": {}}
 def build(ctx: Context) -> None:
     from steps import server
-    from steps.evalsuite import CATEGORIES, Options, all_tests
+    from steps.evalsuite import CATEGORIES, all_tests
     from steps.evalsuite.frontend import browser_version
     stage = ctx.stage
     params = stage.params
@@ -54,16 +54,9 @@ def build(ctx: Context) -> None:
     log = ctx.out / f"{stage.name}.server.log"
     started = time.monotonic()
     with server.serve(gguf, options, log, timeout_s=params["timeout_s"]) as url:
-        runner = _Runner(url, params, Options(needle_tokens=params["needle_tokens"]))
-        parallel = max(1, int(options.get("parallel", 1)))
-        shared = [t for t in tests if not t.solo]
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
-            results = list(pool.map(runner.run, shared))
-        results += [runner.run(t) for t in tests if t.solo]
+        results = run_suite(url, params, tests)
     wall = time.monotonic() - started
     keep_artifacts(results, ctx.out, stage.name)
-    order = {t.id: i for i, t in enumerate(tests)}
-    results.sort(key=lambda r: order[r["id"]])
     categories = {c: {"passed": sum(r["passed"] for r in results if r["category"] == c),
                       "total": sum(1 for r in results if r["category"] == c)}
                   for c in CATEGORIES if any(r["category"] == c for r in results)}
@@ -79,6 +72,19 @@ def build(ctx: Context) -> None:
     (ctx.out / f"{stage.name}.eval.json").write_text(json.dumps(report, indent=1) + "\n")
     ctx.record["eval"] = {k: report[k] for k in ("passed", "total", "categories", "tokens_per_s", "wall_s")}
     logger.info("eval %s: %d/%d passed in %.0f s", stage.name, report["passed"], report["total"], wall)
+
+
+def run_suite(url: str, params: dict[str, Any], tests: list[Test]) -> list[dict[str, Any]]:
+    """Every test against the server at ``url``, concurrently on its ``params["server"]["parallel"]`` slots (the
+    timed ones alone afterwards); one result per test, in the order of ``tests``."""
+    from steps.evalsuite import Options
+    runner = _Runner(url, params, Options(needle_tokens=params["needle_tokens"]))
+    parallel = max(1, int(params["server"].get("parallel", 1)))
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        results = list(pool.map(runner.run, [t for t in tests if not t.solo]))
+    results += [runner.run(t) for t in tests if t.solo]
+    order = {t.id: i for i, t in enumerate(tests)}
+    return sorted(results, key=lambda r: order[r["id"]])
 
 
 def keep_artifacts(results: list[dict[str, Any]], out: Path, name: str) -> None:

@@ -227,9 +227,9 @@ _PART = re.compile(r"""\#([\w-]+)|\.([\w-]+)|\[\s*([\w-]+)\s*(?:([*^$~]?=)\s*["'
 
 def select(doc: Any, selector: str) -> Iterator[Any]:
     seen: set[int] = set()
+    parents = {id(c): p for p in doc.iter() for c in p}
     for alternative in selector.split(","):
         steps = re.findall(r">|[^\s>]+", alternative.strip())
-        parents = {id(c): p for p in doc.iter() for c in p}
         for el in doc.iter():
             if isinstance(el.tag, str) and id(el) not in seen and _matches_path(el, steps, parents):
                 seen.add(id(el))
