@@ -12,21 +12,24 @@ steps.store.execute, which restores a stage from the content-keyed store or buil
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
+from steps import constants as C
 from steps import toolchain
+from steps.console import Reporter
 from steps.errors import MergeforgeError, user_message
-from steps.plan import Stage, plan, root
+from steps import settings
+from steps.plan import Stage, plan
 from steps.recipe import Recipe, discover
-from steps.store import execute, fetch_is_current
+from steps.stage import declaration
+from steps.store import execute
 from steps import store
 
-DEP_FILE = Path(os.environ.get("MERGEFORGE_BUILD", root() / "build")) / ".doit.json"
+DEP_FILE = settings.build_root() / ".doit.json"
 DOIT_CONFIG = {
     "backend": "json",
     "dep_file": str(DEP_FILE),
@@ -34,6 +37,7 @@ DOIT_CONFIG = {
                       "scoreboard"],
     "verbosity": 2,
     "continue": True,             # a failing recipe (or quant) does not stop the others
+    "reporter": Reporter,         # doit's report, short: each failure's reason once, last
 }
 STAGE_DOCS = {
     "fetch": "pin each recipe's sources (local models by digest; Hub repos to a locked commit; packaged GGUFs "
@@ -47,11 +51,10 @@ STAGE_DOCS = {
     "eval": "the capability suite against llama-server, one subtask per evaluated GGUF",
     "scoreboard": "every variant's figures side by side (scoreboard.json, scoreboard.md)",
 }
-LLAMA_CPP_KINDS = ("convert", "imatrix", "quantize", "bench", "eval")
 
 
 def _recipes() -> tuple[list[Recipe], dict[Path, MergeforgeError]]:
-    directory = Path(os.environ.get("MERGEFORGE_RECIPES", root() / "recipes"))
+    directory = settings.recipes_dir()
     try:
         DEP_FILE.parent.mkdir(parents=True, exist_ok=True)   # doit's state directory, before any task can fail
         return discover(directory)
@@ -118,14 +121,15 @@ def _run(stage: Stage) -> TaskFailed | None:
 
 def _task(stage: Stage) -> dict[str, object]:
     uptodate: list[object] = [config_changed({"params": stage.params, "tools": stage.tools()})]
-    if stage.kind == "fetch":
-        uptodate.append((fetch_is_current, [stage]))
+    is_current = declaration(stage.kind).is_current
+    if is_current is not None:
+        uptodate.append((is_current, [stage]))
     uptodate.append((store.placed_is_current, [stage]))   # stat only: outputs in build/, the entry in the store
     return {
         "name": stage.name,
         "actions": [(_run, [stage])],
         "file_dep": [str(s.target) for s in STAGES if s.id in stage.deps] + [str(p) for p in stage.files.values()],
-        "task_dep": ["toolchain"] if stage.kind in LLAMA_CPP_KINDS else [],
+        "task_dep": ["toolchain"] if C.STAGES[stage.kind].llama_cpp else [],
         # a GGUF split into parts has no file of its nominal name: its manifest (the first target) stands for it
         "targets": [str(stage.target), *(str(stage.build_dir / out) for out in stage.outputs
                                          if "split_max_size" not in stage.params)],
@@ -135,12 +139,33 @@ def _task(stage: Stage) -> dict[str, object]:
     }
 
 
+def _asked_of_broken(kind: str) -> dict[str, MergeforgeError]:
+    """The subtasks of this kind the command line names for a recipe that does not load (``merge:<recipe>``,
+    ``quantize:<recipe>-Q4_K_M``): each becomes a task that fails with the recipe's error, not doit's "invalid
+    parameter"."""
+    by_name = {path.stem: error for path, error in BROKEN.items()}
+    asked: dict[str, MergeforgeError] = {}
+    for arg in sys.argv[1:]:
+        basename, _, name = arg.partition(":")
+        if basename != kind or not name:
+            continue
+        for stem, error in by_name.items():
+            if name == stem or name.startswith(stem + "-"):
+                asked[name] = error
+    return asked
+
+
 def _stage_tasks(kind: str):  # type: ignore[no-untyped-def]
     # a recipe that does not load fails `doit <stage>` too (once, as recipes:<file>), without stopping the others
     yield {"basename": kind, "name": None, "doc": STAGE_DOCS[kind], "task_dep": ["recipes"]}
+    names = set()
     for stage in STAGES:
         if stage.kind == kind:
+            names.add(stage.name)
             yield _task(stage)
+    for name, error in _asked_of_broken(kind).items():
+        if name not in names:
+            yield {"name": name, "actions": [(_refuse, [error])], "uptodate": [False], "verbosity": 0}
 
 
 def _refuse(error: MergeforgeError) -> TaskFailed:
@@ -196,7 +221,7 @@ def task_scoreboard():  # type: ignore[no-untyped-def]
 
 
 def _verify(full: bool) -> TaskFailed | None:
-    full = full or os.environ.get("MERGEFORGE_VERIFY_FULL", "") not in ("", "0")
+    full = full or settings.verify_full()
     problems, summary = store.verify(RECIPES, full=full)
     print(summary)
     return TaskFailed("\n".join(problems)) if problems else None
@@ -219,7 +244,7 @@ def task_gc():  # type: ignore[no-untyped-def]
     """remove store entries the current builds do not use, keeping the last N of each stage (not default)"""
     return {"actions": [_gc], "uptodate": [False], "verbosity": 2,
             "params": [{"name": "keep", "long": "keep", "type": int,
-                        "default": int(os.environ.get("MERGEFORGE_GC_KEEP", "3")),
+                        "default": settings.gc_keep(),
                         "help": "recent store entries kept per stage besides the current ones (MERGEFORGE_GC_KEEP)"}]}
 
 

@@ -22,10 +22,13 @@ import numpy as np
 from steps import constants as C
 from steps import toolchain
 from steps.errors import StepFailed
-from steps.plan import threads
+from steps.files import read_json
+from steps.settings import threads
+from steps.stage import Declaration
+from steps.store import SMALL_OUTPUT
 
 if TYPE_CHECKING:
-    from steps.store import Context
+    from steps.stage import Context, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +161,19 @@ def _row(name: str, ctx: Context, values: dict[str, Any]) -> dict[str, Any]:
     outputs = next(dep["outputs"] for dep in ctx.inputs.values() if name in dep["outputs"])
     parts = [info for rel, info in outputs.items() if rel.endswith(".gguf") and "mmproj" not in rel]
     return {"file": name, "size": sum(p["size"] for p in parts), "digest": outputs[name]["digest"], **values}
+
+
+def estimate_bytes(stage: Stage, inputs: dict[str, dict[str, Any]]) -> int:
+    """llama-perplexity's saved log-probabilities, the base's and a quant's: chunks x context/2 x vocabulary x 2
+    bytes each."""
+    config = read_json(stage.build_dir / C.MERGED_DIR / "config.json")
+    vocab = int(config.get("vocab_size") or config["text_config"]["vocab_size"])
+    context, chunks = int(stage.params["context"]), int(stage.params["chunks"])
+    per_model = chunks * context * 4 + chunks * (context - 1 - context // 2) * (2 * ((vocab + 1) // 2) + 4) * 2
+    return SMALL_OUTPUT + 2 * per_model
+
+
+STAGE = Declaration(build=build, estimate_bytes=estimate_bytes)
 
 
 if __name__ == "__main__":

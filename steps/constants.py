@@ -1,6 +1,8 @@
 """Declarations, apart from logic: quant types, stage code versions, artifact names, GGUF provenance keys."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # llama-quantize's type names (tools/quantize/quantize.cpp QUANT_OPTIONS), upper case as the recipe writes them.
 QUANT_TYPES = (
     "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
@@ -14,33 +16,28 @@ GGUF_OUTTYPES = ("bf16", "f16", "f32", "q8_0")
 MTP_MODES = ("auto", "keep", "drop")
 MMPROJ_MODES = ("auto", "off")
 
-# Bump a stage's number when its code changes what it writes: the number is part of the stage key.
-STAGE_VERSIONS = {
-    "fetch":    1,
-    "merge":    1,
-    "convert":  2,
-    "imatrix":  2,
-    "quantize": 1,
-    "bench":    3,
-    "heal":     1,
-    "scoreboard": 3,
-    "eval":     2,
-}
+@dataclass(frozen=True)
+class StageSpec:
+    module: str                   # the module that declares the stage (STAGE = steps.stage.Declaration(...))
+    version: int                  # bump when the stage's code changes what it writes: it is part of the key
+    packages: tuple[str, ...]     # Python packages whose versions enter the key
+    llama_cpp: bool = False       # runs llama.cpp programs: llama.cpp's version enters the key
 
-# Python packages whose versions enter each stage's key (llama.cpp's version is added for the llama.cpp stages).
-STAGE_PACKAGES = {
-    "fetch":    ("torch", "transformers", "safetensors", "gguf"),
-    "merge":    ("torch", "safetensors"),
-    "convert":  ("torch", "transformers", "safetensors", "gguf"),
-    "imatrix":  (),
-    "quantize": (),
-    "bench":    (),
-    "heal":     ("torch", "transformers", "peft", "bitsandbytes", "safetensors"),
-    "scoreboard": ("matplotlib",),
-    "eval":     ("openai", "jsonschema", "html5lib", "tinycss2", "tree-sitter", "tree-sitter-javascript",
-                 "playwright"),
+
+# Every kind of stage, in the order of the chain: a new stage is its module plus one line here (and its place in
+# steps/plan.py, the one place that knows the graph).
+STAGES = {
+    "fetch":      StageSpec("steps.fetch",      1, ("torch", "transformers", "safetensors", "gguf")),
+    "merge":      StageSpec("steps.merge",      1, ("torch", "safetensors")),
+    "heal":       StageSpec("steps.heal",       1, ("torch", "transformers", "peft", "bitsandbytes", "safetensors")),
+    "convert":    StageSpec("steps.convert",    2, ("torch", "transformers", "safetensors", "gguf"), llama_cpp=True),
+    "imatrix":    StageSpec("steps.imatrix",    2, (), llama_cpp=True),
+    "quantize":   StageSpec("steps.quantize",   1, (), llama_cpp=True),
+    "bench":      StageSpec("steps.bench",      3, (), llama_cpp=True),
+    "eval":       StageSpec("steps.eval",       2, ("openai", "jsonschema", "html5lib", "tinycss2", "tree-sitter",
+                                                    "tree-sitter-javascript", "playwright"), llama_cpp=True),
+    "scoreboard": StageSpec("steps.scoreboard", 3, ("matplotlib",)),
 }
-LLAMA_CPP_STAGES = ("convert", "imatrix", "quantize", "bench", "eval")
 
 # Artifact names under build/<recipe>/.
 SOURCES_DIR     = "sources"

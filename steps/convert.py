@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 from steps import constants as C
 from steps import toolchain
 from steps.errors import RecipeError, StepFailed
-from steps.plan import Stage
-from steps.store import read_json
+from steps.stage import Declaration
+from steps.stage import Stage
+from steps.files import read_json
 
 if TYPE_CHECKING:
-    from steps.store import Context
+    from steps.stage import Context
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +210,18 @@ def read_metadata(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
         if field is not None:
             out[key] = field.contents()
     return out
+
+
+def estimate_bytes(stage: Stage, inputs: dict[str, dict[str, Any]]) -> int:
+    """The merged (or healed) model's weights; twice for f32, less for q8_0."""
+    upstream = {dep.split(":", 1)[0]: m for dep, m in inputs.items()}
+    made = upstream.get("merge") or upstream["heal"]
+    merged = sum(int(i["size"]) for rel, i in made["outputs"].items()
+                 if rel.startswith((C.MERGED_DIR + "/", C.HEALED_DIR + "/")))
+    return int(merged * {"f32": 2.0, "q8_0": 0.6}.get(str(stage.params.get("outtype")), 1.0))
+
+
+STAGE = Declaration(build=build, estimate_bytes=estimate_bytes)
 
 
 if __name__ == "__main__":

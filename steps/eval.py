@@ -3,7 +3,7 @@
 ``eval:<variant>-<NAME>`` serves one GGUF with llama-server (steps.server: a free loopback port, always stopped),
 talks to it through the ``openai`` client, grades every test and writes ``<variant>-<NAME>.eval.json`` (each
 test's result, reason and latency, totals per category, tokens/s, wall time) and the server's log beside it. The
-key holds the GGUF's digest, the recipe's eval block and the suite's own code (steps.plan.eval_code_digest: a
+key holds the GGUF's digest, the recipe's eval block and the suite's own code (eval_code_digest: a
 changed prompt or grader reruns the evals and nothing else); sampling is greedy and seeded by default, so an
 unchanged eval restores from the store. Generated code runs in steps.sandbox.
 
@@ -14,6 +14,7 @@ Tests run concurrently on the server's parallel slots (``eval.server.parallel``)
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -23,18 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from steps import constants as C
+from steps.stage import Declaration
 
 if TYPE_CHECKING:
     from steps.evalsuite import Reply, Test
-    from steps.store import Context
+    from steps.stage import Context, Stage
 
 logger = logging.getLogger(__name__)
 
-EVAL_KEYS = ("ggufs", "sources", "categories", "tests", "max_tokens", "repetitions", "temperature", "seed",
-             "timeout_s", "needle_tokens", "thinking", "server")
-DEFAULTS: dict[str, Any] = {"sources": [], "categories": None, "tests": None, "max_tokens": 512, "repetitions": 1,
-                            "temperature": 0.0, "seed": 0, "timeout_s": 300, "needle_tokens": 1500,
-                            "thinking": "on", "server": {}}
 def build(ctx: Context) -> None:
     from steps import server
     from steps.evalsuite import CATEGORIES, all_tests
@@ -153,6 +150,30 @@ class _Runner:
                 "generation_s": round(sum(o["generation_s"] for o in outcomes), 3), "artifacts": artifacts}
 
 
+@functools.lru_cache(maxsize=1)
+def eval_code_digest() -> str:
+    """The capability suite's own code (tests, graders, sandbox, runner, server): a changed prompt or grader reruns
+    the evals (and the scoreboard) and nothing else. A few small files, read on every doit start that plans evals."""
+    import blake3
+    here = Path(__file__).resolve().parent
+    h = blake3.blake3()
+    code = [*(here / "evalsuite").glob("*.py"), *(here / "sandbox").glob("*.py"),
+            *(here / n for n in ("eval.py", "server.py"))]
+    for path in sorted(code):
+        if path.exists():
+            h.update(path.relative_to(here).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def tools(stage: Stage) -> dict[str, str]:
+    """The suite's code, and the browser's version when frontend tests run (their results depend on it)."""
+    found = {"suite": eval_code_digest()}
+    if uses_browser(stage.params):
+        from steps.evalsuite.frontend import browser_version
+        found["browser"] = browser_version()
+    return found
+
+
 def uses_browser(params: dict[str, Any]) -> bool:
     """Whether the eval runs frontend tests (their results depend on the browser, which its key then records)."""
     if params.get("tests") is not None:
@@ -161,67 +182,9 @@ def uses_browser(params: dict[str, Any]) -> bool:
     return "frontend" in (params.get("categories") or ())
 
 
-def validate(check: Any, value: Any, base: Path, quantize: tuple[str, ...], outtype: str,
-             categories: tuple[str, ...], sources: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Path]]:
-    """The recipe's ``eval:`` block, normalized (every default filled), and its files (a chat template).
-    ``sources``: source models converted, quantized (to the evaluated quants), benched and evaluated the same way, so
-    the scoreboard can show them beside the merge."""
-    from steps.server import SERVER_DEFAULTS
-    spec = dict(check.mapping(value if value is not None else {}, "eval", EVAL_KEYS))
-    out = {**DEFAULTS, **spec}
-    choices = (*quantize, outtype.upper())
-    out.setdefault("ggufs", list(quantize))
-    if not isinstance(out["ggufs"], list) or not all(isinstance(g, str) for g in out["ggufs"]):
-        raise check.fail("eval.ggufs", f"expected a list of GGUF names from {', '.join(choices)}")
-    out["ggufs"] = [g.upper() if g.upper() in (c.upper() for c in choices) else g for g in out["ggufs"]]
-    for i, name in enumerate(out["ggufs"]):
-        if name not in choices:
-            raise check.fail(f"eval.ggufs[{i}]", f"{name!r} is not a GGUF of this recipe; one of {', '.join(choices)}")
-    if not isinstance(out["sources"], list) or not all(isinstance(x, str) for x in out["sources"]):
-        raise check.fail("eval.sources", "expected a list of source names")
-    for i, name in enumerate(out["sources"]):
-        if name not in sources:
-            raise check.fail(f"eval.sources[{i}]", f"{name!r} is not a source of this recipe; one of "
-                             f"{', '.join(sources)}")
-    if len(set(out["sources"])) != len(out["sources"]):
-        raise check.fail("eval.sources", "a source is listed twice")
-    for key, known in (("categories", categories), ("tests", None)):
-        if out[key] is not None:
-            if not isinstance(out[key], list) or not out[key] or not all(isinstance(x, str) for x in out[key]):
-                raise check.fail(f"eval.{key}", "expected a non-empty list of names")
-            for i, name in enumerate(out[key]):
-                if known is not None and name not in known:
-                    raise check.fail(f"eval.{key}[{i}]", f"unknown category {name!r}; one of {', '.join(known)}")
-    if out["tests"] is not None:
-        from steps.evalsuite import all_tests
-        try:
-            all_tests(out["categories"], out["tests"])
-        except ValueError as exc:
-            raise check.fail("eval.tests", str(exc)) from None
-    for key in ("max_tokens", "repetitions", "timeout_s", "needle_tokens"):
-        check.positive_int(out[key], f"eval.{key}")
-    if not isinstance(out["temperature"], (int, float)) or isinstance(out["temperature"], bool) \
-            or not 0 <= out["temperature"] <= 2:
-        raise check.fail("eval.temperature", f"expected a number from 0 to 2, got {out['temperature']!r}")
-    check.typed(out["seed"], "eval.seed", int, "an integer")
-    if out["thinking"] is False or out["thinking"] is True:                # YAML reads on/off as booleans
-        out["thinking"] = "on" if out["thinking"] else "off"
-    if out["thinking"] not in ("on", "off"):
-        raise check.fail("eval.thinking", f"expected on or off, got {out['thinking']!r}")
-    server = dict(check.mapping(out["server"] or {}, "eval.server", tuple(SERVER_DEFAULTS)))
-    for key in ("context", "batch", "ubatch", "parallel"):
-        if key in server:
-            check.positive_int(server[key], f"eval.server.{key}")
-    if isinstance(server.get("flash_attn"), bool):
-        server["flash_attn"] = "on" if server["flash_attn"] else "off"
-    if server.get("flash_attn", "auto") not in ("on", "off", "auto"):
-        raise check.fail("eval.server.flash_attn", "expected on, off or auto")
-    files = {}
-    if server.get("chat_template"):
-        files["chat_template"] = check.existing_file(server["chat_template"], "eval.server.chat_template", base)
-    out["server"] = server
-    return out, files
 
+
+STAGE = Declaration(build=build, tools=tools)
 
 if __name__ == "__main__":
     from steps.plan import find

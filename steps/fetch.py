@@ -26,13 +26,16 @@ from typing import TYPE_CHECKING, Any
 
 from steps import constants as C
 from steps import hub
-from steps.errors import RecipeError, StepFailed
+from steps import settings, toolchain
+from steps.errors import MergeforgeError, RecipeError, StepFailed
+from steps.files import read_json
 from steps.hashing import StatCache, digest_value, tree_digests
-from steps.plan import Stage, store_root
 from steps.recipe import Source
+from steps.settings import store_root
+from steps.stage import Declaration, Stage
 
 if TYPE_CHECKING:
-    from steps.store import Context
+    from steps.stage import Context
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ def source_dir(stage: Stage, name: str) -> Path:
     if src.path is not None:
         return src.path
     if src.kind == "hf" and not src.spec.get("allow_pickle"):
-        from steps.store import read_json
+        from steps.files import read_json
         record = read_json(stage.build_dir / C.MANIFEST_DIR / f"fetch.{stage.recipe.name}.json")["sources"][name]
         snapshot = hub.storage(record["repo"], "model", hub.cache_dir()) / "snapshots" / record["revision"]
         pinned = hub.Pinned(record["repo"], "model", record["ref"], record["revision"], record["files"], snapshot)
@@ -86,7 +89,7 @@ def build(ctx: Context) -> None:
 def pin(stage: Stage, src: Source) -> hub.Pinned:
     """A Hub source pinned: to the commit build/<recipe>/lock.json holds for it (same repository, revision and
     allow_pickle), unless MERGEFORGE_UPDATE names it; else to the commit its revision names now."""
-    from steps.store import read_json
+    from steps.files import read_json
     spec, lock_file = src.spec, stage.build_dir / C.LOCK_FILE
     try:
         entry = read_json(lock_file)["sources"][src.name]
@@ -105,7 +108,7 @@ def pin(stage: Stage, src: Source) -> hub.Pinned:
 
 
 def _layer_count(model_dir: Path) -> int | None:
-    from steps.recipe import source_layer_count
+    from steps.tensors import source_layer_count
     try:
         return source_layer_count(model_dir)
     except (OSError, ValueError, AttributeError):
@@ -160,30 +163,36 @@ def import_pickled(stage: Stage, src: Source, model_dir: Path, dest: Path) -> No
     write_model(dest, list(tensors.values()), C.DEFAULT_SHARD_BYTES)
 
 
-def wheel(src: Source) -> Path:
-    """The source's wheel, downloaded once into $MERGEFORGE_HOME/downloads and checked against its sha256."""
-    from steps import toolchain
+def wheel(src: Source, recipe_file: Path | None = None) -> Path:
+    """The source's wheel, downloaded once into $MERGEFORGE_HOME/downloads and checked against its sha256. A failure
+    (no such package, the registry unreachable, a wrong sha256) names the recipe file, when given, and the key."""
     spec = src.spec
-    dl = toolchain.home() / "downloads"
+    where = f"{recipe_file}: " if recipe_file is not None else ""
+    dl = settings.home() / "downloads"
     dl.mkdir(parents=True, exist_ok=True)
     name, version = spec["package"].split("==")
     pattern = f"{name.replace('-', '_')}-{version}-*.whl"
     found = sorted(dl.glob(pattern))
     if not found:
-        toolchain.download(["--only-binary", ":all:", spec["package"]], dl,
-                           f"sources.{src.name}.package: {spec['package']}")
+        try:
+            toolchain.download(["--only-binary", ":all:", spec["package"]], dl,
+                               f"sources.{src.name}.package: {spec['package']}")
+        except StepFailed as exc:
+            raise StepFailed(f"{where}{exc}") from None
         found = sorted(dl.glob(pattern))
     if not found:
-        raise StepFailed(f"pip download {spec['package']} gave no wheel matching {pattern} in {dl}")
+        raise StepFailed(f"{where}sources.{src.name}.package: pip download {spec['package']} gave no wheel matching "
+                         f"{pattern} in {dl}; check the name and version on the package registry")
     digest = hashlib.sha256(found[0].read_bytes()).hexdigest()
     if digest != spec["sha256"]:
-        raise StepFailed(f"{found[0]} has sha256 {digest}, the recipe pins {spec['sha256']} "
-                         f"(sources.{src.name}.sha256); delete the file to download it again")
+        raise StepFailed(f"{where}sources.{src.name}.sha256: {found[0]} has sha256 {digest}, the recipe pins "
+                         f"{spec['sha256']}; fix the pin if the package is the one you meant, or delete the file to "
+                         "download it again")
     return found[0]
 
 
 def _import_package(ctx: Context, src: Source) -> dict[str, Any]:
-    whl = wheel(src)
+    whl = wheel(src, ctx.stage.recipe.file)
     with tempfile.TemporaryDirectory(dir=ctx.out.parent) as tmp, zipfile.ZipFile(whl) as zf:
         member = src.spec["file"]
         if member not in zf.namelist():
@@ -250,6 +259,35 @@ def import_gguf(gguf_path: Path, dest: Path, dtype: str = "bfloat16") -> None:
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
+
+
+def estimate_bytes(stage: Stage, inputs: dict[str, dict[str, Any]]) -> int:
+    """A packaged source: four times its wheel (a dequantized GGUF); others write little."""
+    total = 0
+    for src in stage.recipe.sources.values():
+        if src.kind == "package":
+            name, version = src.spec["package"].split("==")
+            wheels = sorted((settings.home() / "downloads").glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+            total += 4 * wheels[0].stat().st_size if wheels else 0
+    return total
+
+
+def is_current(stage: Stage) -> bool:
+    """doit uptodate of a fetch task: local sources still have the digests the target recorded (stat-cached)."""
+    from steps.store import stat_cache
+    if not stage.target.exists():
+        return False
+    recorded = read_json(stage.target).get("sources", {})
+    cache = stat_cache()
+    try:
+        current = key_inputs(stage, cache)
+    except MergeforgeError:
+        return False                      # the action runs and reports it in one line
+    cache.save()
+    return all(recorded.get(name, {}).get("files") == files for name, files in current.items())
+
+
+STAGE = Declaration(build=build, key_inputs=key_inputs, estimate_bytes=estimate_bytes, is_current=is_current)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from steps import settings
 from steps.errors import MergeforgeError
 from steps.hashing import StatCache, digest_value
 
@@ -134,7 +135,7 @@ def storage(repo: str, repo_type: str, cache: Path) -> Path:
 def update_requested(recipe: str, source: str) -> bool:
     """MERGEFORGE_UPDATE asks to resolve this source's revision again: ``1``/``all`` (every source), a recipe name
     (its sources) or ``<recipe>:<source>``, comma-separated."""
-    wanted = {w.strip() for w in os.environ.get(UPDATE_ENV, "").split(",") if w.strip()}
+    wanted = {w.strip() for w in settings.update().split(",") if w.strip()}
     return bool(wanted & {*UPDATE_ALL, recipe, f"{recipe}:{source}"})
 
 
@@ -426,7 +427,7 @@ def view(pinned: Pinned, root: Path) -> Path:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from steps.plan import store_root
+    from steps.settings import store_root
     found = pin(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "main", select=select_model,
                 digests=Sha256Cache(store_root() / "sha256cache.json"))
     print(json.dumps(found.record(), indent=1))

@@ -9,10 +9,11 @@ import sys
 from typing import TYPE_CHECKING
 
 from steps import toolchain
-from steps.plan import threads
+from steps.settings import threads
+from steps.stage import Declaration
 
 if TYPE_CHECKING:
-    from steps.store import Context
+    from steps.stage import Context
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ def build(ctx: Context) -> None:
                    "--chunks", str(stage.params["chunks"]), "-c", str(stage.params["context"]),
                    "-t", str(threads()), "--no-ppl", *toolchain.gpu_args()],
                   what=f"imatrix {stage.recipe.name}", cwd=work)
+
+
+STAGE = Declaration(build=build)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Plan: a recipe becomes a list of stages, each with its parameters, inputs, tools and paths.
+"""Plan: a recipe becomes a list of stages, each with its parameters, inputs, tools and paths. The one place
+that knows the graph: which stages a recipe has and what each one reads.
 
 Planning is cheap (no hashing of artifacts, no torch): dodo.py calls it on every `doit list`.
 
@@ -7,117 +8,13 @@ Planning is cheap (no hashing of artifacts, no torch): dodo.py calls it on every
 from __future__ import annotations
 
 import json
-import os
 import sys
-from dataclasses import dataclass, field
-from functools import lru_cache, cache
-from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from steps import constants as C
+from steps import settings
 from steps.recipe import Recipe, load, recipe_files
-
-
-def root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
-def build_root() -> Path:
-    return Path(os.environ.get("MERGEFORGE_BUILD", root() / "build")).resolve()
-
-
-def store_root() -> Path:
-    return Path(os.environ.get("MERGEFORGE_STORE", root() / "cache")).resolve()
-
-
-def threads() -> int:
-    return int(os.environ.get("MERGEFORGE_THREADS", os.cpu_count() or 1))
-
-
-@cache
-def package_version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
-@lru_cache(maxsize=1)
-def llama_cpp_version() -> str:
-    from steps import toolchain
-    return toolchain.locate().version
-
-
-@lru_cache(maxsize=1)
-def eval_code_digest() -> str:
-    """The capability suite's own code (tests, graders, sandbox, runner, server): a changed prompt or grader reruns
-    the evals (and the scoreboard) and nothing else. A few small files, read on every doit start that plans evals."""
-    import blake3
-    here = Path(__file__).resolve().parent
-    h = blake3.blake3()
-    code = [*(here / "evalsuite").glob("*.py"), *(here / n for n in ("sandbox.py", "eval.py", "server.py"))]
-    for path in sorted(code):
-        if path.exists():
-            h.update(path.relative_to(here).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-@lru_cache(maxsize=1)
-def heal_machine() -> dict[str, str]:
-    """What beyond the recipe changes a heal's bytes, found without importing torch (doit lists tasks often): the
-    device kind (CPU and CUDA arithmetic differ) and the launcher (its process count sets the global batch)."""
-    from steps import toolchain
-    found = {"heal_device": "cuda" if toolchain.has_gpu() else "cpu"}
-    launch = os.environ.get("MERGEFORGE_HEAL_LAUNCH", "").strip()
-    if launch:
-        found["heal_launch"] = launch
-    return found
-
-
-@dataclass(frozen=True)
-class Stage:
-    kind: str                                   # fetch, merge, convert, imatrix, quantize, bench
-    name: str                                   # subtask name: "<recipe>" or "<recipe>-<TYPE>"
-    recipe: Recipe
-    params: dict[str, Any]                      # the normalized recipe subtree this stage reads
-    deps: tuple[str, ...] = ()                  # upstream stage ids
-    files: dict[str, Path] = field(default_factory=dict)   # small input files hashed into the key
-    outputs: tuple[str, ...] = ()               # artifact paths (relative to build_dir) known before running
-
-    @property
-    def id(self) -> str:
-        return f"{self.kind}:{self.name}"
-
-    @property
-    def build_dir(self) -> Path:
-        return build_root() / self.recipe.name
-
-    @property
-    def target(self) -> Path:
-        return self.build_dir / C.MANIFEST_DIR / f"{self.kind}.{self.name}.json"
-
-    @property
-    def key_file(self) -> Path:
-        return self.build_dir / C.MANIFEST_DIR / f"{self.kind}.{self.name}.key"
-
-    def tools(self) -> dict[str, str]:
-        tools = {pkg: package_version(pkg) for pkg in C.STAGE_PACKAGES[self.kind]}
-        tools["mergeforge-stage"] = str(C.STAGE_VERSIONS[self.kind])
-        if self.kind in C.LLAMA_CPP_STAGES:
-            tools["llama.cpp"] = llama_cpp_version()
-        if self.kind == "heal":
-            tools.update(heal_machine())
-        if self.kind == "eval":
-            tools["suite"] = eval_code_digest()
-            from steps.eval import uses_browser
-            if uses_browser(self.params):
-                from steps.evalsuite.frontend import browser_version
-                tools["browser"] = browser_version()
-        if self.kind == "merge" and os.environ.get("MERGEFORGE_MERGE_DEVICE", "cpu") != "cpu":
-            # another device's arithmetic (and random stream) gives other bytes: another build
-            tools["merge_device"] = os.environ["MERGEFORGE_MERGE_DEVICE"]
-        return tools
+from steps.stage import Stage
 
 
 def variants(recipe: Recipe) -> list[tuple[str, str, str]]:
@@ -209,8 +106,7 @@ def _variant_stages(recipe: Recipe, v: str, made_by: str, model: dict[str, str],
 
 def find(stage_id: str, recipes_dir: Path | None = None) -> Stage:
     """The stage with this id, planned anew from the recipes (for running one stage by hand)."""
-    default = Path(os.environ.get("MERGEFORGE_RECIPES", root() / "recipes"))
-    for path in recipe_files(recipes_dir or default):
+    for path in recipe_files(recipes_dir or settings.recipes_dir()):
         for stage in plan(load(path)):
             if stage.id == stage_id:
                 return stage

@@ -34,8 +34,10 @@ import yaml
 
 from steps import constants as C
 from steps.errors import StepFailed
-from steps.plan import Stage, build_root, package_version, plan, store_root, variants
+from steps.plan import plan, variants
+from steps.settings import build_root, store_root
 from steps.recipe import Recipe
+from steps.stage import Stage, package_version
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +343,7 @@ def split(f: LocalFile, split_bytes: int, staging: Path) -> list[LocalFile]:
 
 
 def _manifests(recipe: Recipe) -> dict[str, dict[str, Any]]:
-    from steps.store import read_json
+    from steps.files import read_json
     found = {}
     for st in plan(recipe):
         try:
@@ -370,7 +372,7 @@ def _llama_cpp(recipe: Recipe, stages: list[Stage], scoreboard: dict[str, Any] |
 def publish(recipe: Recipe, *, api: Any = None, dry_run: bool = False) -> list[str]:
     """Plan and upload a recipe's publish: block; returns the lines to print."""
     from steps.hub import Sha256Cache
-    from steps.store import read_json
+    from steps.files import read_json
     assert recipe.publish is not None
     spec = recipe.publish
     if api is None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from steps import toolchain
-from steps.plan import threads
+from steps.settings import threads
+from steps.stage import Declaration
 
 if TYPE_CHECKING:
-    from steps.store import Context
+    from steps.stage import Context, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,16 @@ def build(ctx: Context) -> None:
     toolchain.run(argv, what=f"quantize {stage.name}", cwd=stage.build_dir)
     toolchain.smoke_load(ctx.out / stage.outputs[0])
     ctx.record["main"] = toolchain.split_gguf(ctx.out / stage.outputs[0], params.get("split_max_size"))[0].name
+
+
+def estimate_bytes(stage: Stage, inputs: dict[str, dict[str, Any]]) -> int:
+    """The unquantized GGUF's size (twice for F32)."""
+    (convert,) = [m for dep, m in inputs.items() if dep.startswith("convert:")]
+    gguf = sum(int(i["size"]) for rel, i in convert["outputs"].items() if "mmproj" not in rel)
+    return gguf * (2 if stage.params.get("type") == "F32" else 1)
+
+
+STAGE = Declaration(build=build, estimate_bytes=estimate_bytes)
 
 
 if __name__ == "__main__":

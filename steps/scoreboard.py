@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from steps import constants as C
-from steps.store import read_json
+from steps.files import read_json
+from steps.stage import Declaration
 
 if TYPE_CHECKING:
-    from steps.store import Context
+    from steps.stage import Context
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +166,9 @@ def _label(recipe: str, variant: str) -> str:
 
 def _type_label(qtype: str) -> str:
     return "unquantized" if qtype == "base" else qtype
+
+
+STAGE = Declaration(build=build)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any
 
 from steps import toolchain
 from steps.errors import StepFailed
-from steps.store import process_alive
+from steps.files import process_alive
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ SERVER_DEFAULTS: dict[str, Any] = {"context": 4096, "flash_attn": "auto", "batch
 
 
 def servers_dir() -> Path:
-    from steps.plan import store_root
+    from steps.settings import store_root
     return store_root() / "servers"
 
 
@@ -59,7 +59,7 @@ def _die_with_parent() -> None:
 
 
 def argv(gguf: Path, options: dict[str, Any], port: int, mmproj: Path | None = None) -> list[str]:
-    from steps.plan import threads
+    from steps.settings import threads
     o = {**SERVER_DEFAULTS, **options}
     out = [toolchain.locate().program("llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
            "-c", str(o["context"]), "-fa", str(o["flash_attn"]), "-b", str(o["batch"]), "-ub", str(o["ubatch"]),

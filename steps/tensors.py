@@ -271,3 +271,16 @@ def write_model(directory: Path, tensors: list[OutTensor], shard_bytes: int,
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
     return names
+
+
+TEXT_CONFIGS = ("text_config", "llm_config", "language_config")   # where multimodal configs keep the text model's
+
+
+def source_layer_count(model_dir: Path) -> int | None:
+    """The decoder depth: the top-level config's, else its text config's (never a vision or audio config's)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    for cfg in (config, *(config.get(key) or {} for key in TEXT_CONFIGS)):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(cfg.get(key), int):
+                return int(cfg[key])
+    return None

@@ -26,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from steps import settings
 from steps.errors import StepFailed, ToolNotFound
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ CMAKE_FLAGS = (
 
 
 def home() -> Path:
-    return Path(os.environ.get("MERGEFORGE_HOME", Path.home() / ".cache" / "mergeforge"))
+    return settings.home()
 
 
 def toolchain_dir() -> Path:
@@ -80,7 +81,7 @@ class Toolchain:
 
 
 def _configured() -> Toolchain | None:
-    root = os.environ.get("MERGEFORGE_LLAMA_CPP")
+    root = settings.llama_cpp()
     if not root:
         return None
     base = Path(root).expanduser()
@@ -263,7 +264,7 @@ LOAD_CHECK_TRIES = 4
 def smoke_load(gguf: Path, *, mmproj: Path | None = None, image: Path | None = None) -> None:
     """Load a GGUF in llama.cpp and generate one token (with its projector and an image, through llama-mtmd-cli),
     so a file no client can load fails the stage that made it, before it reaches the store."""
-    from steps.plan import threads
+    from steps.settings import threads
     chain = locate()
     common = ["-n", "1", "--temp", "0", "-c", "256", "-t", str(threads()), *gpu_args()]
     if mmproj is None:
@@ -312,7 +313,7 @@ def split_gguf(path: Path, max_size: str | None) -> list[Path]:
 
 def gpu_args() -> list[str]:
     """``-ngl N`` from MERGEFORGE_GPU_LAYERS: a machine setting, not part of any key."""
-    layers = os.environ.get("MERGEFORGE_GPU_LAYERS")
+    layers = settings.gpu_layers()
     return ["-ngl", layers] if layers else []
 
 

@@ -302,7 +302,7 @@ def test_two_checkouts_sharing_one_store_build_each_stage_once(tmp_path: Path, t
 # -------------------------------------------------------------------------------------- 5. killed stages, gc
 
 SLOW_MERGE = textwrap.dedent("""
-    import sys, time
+    import dataclasses, sys, time
     sys.path.insert(0, sys.argv[1])
     import steps.merge
     from steps.plan import find
@@ -312,7 +312,7 @@ SLOW_MERGE = textwrap.dedent("""
         (ctx.out / "partial.bin").write_bytes(b"x" * 100000)
         time.sleep(600)
 
-    steps.merge.build = slow
+    steps.merge.STAGE = dataclasses.replace(steps.merge.STAGE, build=slow)
     execute(find("merge:tiny"))
 """)
 

@@ -1,4 +1,4 @@
-"""The sandbox for model-generated code (steps/sandbox.py), run for real: normal programs in every language, and
+"""The sandbox for model-generated code (steps/sandbox/), run for real: normal programs in every language, and
 hostile ones (fork bomb, infinite loop, 1 GB of output, writes outside, sockets, ~/.ssh, memory hogs, detached
 children) in every mode this machine has (bwrap where it works, and the rlimits fallback). Each hostile run must end
 as a failed or killed result, leave nothing running and nothing written outside its directory, and leave the test
@@ -484,7 +484,7 @@ def test_mode_detection():
 
 def test_a_root_below_tmp_is_bound_over_the_private_tmp(monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkout (its venv) under /tmp: the private /tmp tmpfs is mounted first, the venv bound on top of it."""
-    monkeypatch.setattr(sandbox, "_ro_roots", lambda language: ["/tmp/clone/.venv"])
+    monkeypatch.setattr(sandbox.bwrap, "_ro_roots", lambda language: ["/tmp/clone/.venv"])
     args = sandbox._bwrap_args("python", root=True)
     tmpfs = max(i for i, a in enumerate(args) if a == "--tmpfs" and args[i + 1] == "/tmp")
     bind = max(i for i, a in enumerate(args) if a == "--ro-bind" and args[i + 1] == "/tmp/clone/.venv")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from steps.evalsuite import text as T
+from steps.evalsuite.text import clip, strip_thinking, text_tool_calls
 
 Message = dict[str, Any]
 
@@ -44,9 +44,9 @@ class ToolCall:
             value = json.loads(self.arguments) if self.arguments.strip() else {}
         except json.JSONDecodeError as e:
             raise ValueError(f"arguments of {self.name!r} are not valid JSON ({e.msg} at char {e.pos}): "
-                             f"{T.clip(self.arguments)}") from None
+                             f"{clip(self.arguments)}") from None
         if not isinstance(value, dict):
-            raise ValueError(f"arguments of {self.name!r} are not a JSON object: {T.clip(self.arguments)}")
+            raise ValueError(f"arguments of {self.name!r} are not a JSON object: {clip(self.arguments)}")
         return value
 
 
@@ -105,14 +105,14 @@ class Reply:
     @property
     def text(self) -> str:
         """The content without reasoning (``<think>...</think>``), stripped."""
-        return T.strip_thinking(self.content)
+        return strip_thinking(self.content)
 
     def calls(self) -> list[ToolCall]:
         """The API's tool calls, or else the calls written in the text (``<tool_call>`` JSON or XML, a bare JSON
         call, ``[TOOL_CALLS]``)."""
         if self.tool_calls:
             return list(self.tool_calls)
-        return [ToolCall(name, arguments, source="text") for name, arguments in T.text_tool_calls(self.text)]
+        return [ToolCall(name, arguments, source="text") for name, arguments in text_tool_calls(self.text)]
 
     def all_calls(self) -> list[ToolCall]:
         """The calls of every turn of a script (of this reply alone otherwise)."""

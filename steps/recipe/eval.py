@@ -1,0 +1,83 @@
+"""The recipe's eval: block, declared as data: which GGUFs (and which sources beside the merge) run the capability
+suite, which categories and tests, the sampling and caps, and the llama-server options."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from steps.evalsuite import CATEGORIES, all_tests
+from steps.recipe.fields import Checker, Field
+from steps.server import SERVER_DEFAULTS
+
+EVAL = {
+    "ggufs":         Field("any"),                  # default: every quant of the recipe
+    "sources":       Field("any", []),
+    "categories":    Field("any"),
+    "tests":         Field("any"),
+    "max_tokens":    Field("int", 512, lo=1),
+    "repetitions":   Field("int", 1, lo=1),
+    "temperature":   Field("number", 0.0, lo=0, hi=2, as_float=False),
+    "seed":          Field("int", 0),
+    "timeout_s":     Field("int", 300, lo=1),
+    "needle_tokens": Field("int", 1500, lo=1),
+    "thinking":      Field("choice", "on", choices=("on", "off"), yaml_bools=("off", "on")),
+    "server":        Field("any", {}),
+}
+SERVER = {                                          # llama-server's options; their defaults: steps.server
+    "context":          Field("int", lo=1),
+    "flash_attn":       Field("choice", choices=("on", "off", "auto"), yaml_bools=("off", "on")),
+    "batch":            Field("int", lo=1),
+    "ubatch":           Field("int", lo=1),
+    "parallel":         Field("int", lo=1),
+    "cache_type_k":     Field("any"),
+    "cache_type_v":     Field("any"),
+    "jinja":            Field("any"),
+    "alias":            Field("any"),
+    "chat_template":    Field("any"),               # a Jinja file, relative to the recipe
+    "reasoning_budget": Field("any"),
+}
+assert set(SERVER) == set(SERVER_DEFAULTS), "steps.server's options and the eval.server schema differ"
+
+
+def validate(check: Checker, value: Any, base: Path, quantize: tuple[str, ...], outtype: str,
+             sources: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The recipe's ``eval:`` block, normalized (every default filled), and its files (a chat template).
+    ``sources``: source models converted, quantized (to the evaluated quants), benched and evaluated the same way, so
+    the scoreboard can show them beside the merge."""
+    given = check.mapping(value if value is not None else {}, "eval", tuple(EVAL))
+    out = check.block(given, "eval", EVAL)
+    if "ggufs" not in given:
+        out["ggufs"] = list(quantize)
+    choices = (*quantize, outtype.upper())
+    if not isinstance(out["ggufs"], list) or not all(isinstance(g, str) for g in out["ggufs"]):
+        raise check.fail("eval.ggufs", f"expected a list of GGUF names from {', '.join(choices)}")
+    out["ggufs"] = [g.upper() if g.upper() in (c.upper() for c in choices) else g for g in out["ggufs"]]
+    for i, name in enumerate(out["ggufs"]):
+        if name not in choices:
+            raise check.fail(f"eval.ggufs[{i}]", f"{name!r} is not a GGUF of this recipe; one of {', '.join(choices)}")
+    if not isinstance(out["sources"], list) or not all(isinstance(x, str) for x in out["sources"]):
+        raise check.fail("eval.sources", "expected a list of source names")
+    for i, name in enumerate(out["sources"]):
+        if name not in sources:
+            raise check.fail(f"eval.sources[{i}]", f"{name!r} is not a source of this recipe; one of "
+                             f"{', '.join(sources)}")
+    if len(set(out["sources"])) != len(out["sources"]):
+        raise check.fail("eval.sources", "a source is listed twice")
+    for key, known in (("categories", CATEGORIES), ("tests", None)):
+        if out[key] is not None:
+            if not isinstance(out[key], list) or not out[key] or not all(isinstance(x, str) for x in out[key]):
+                raise check.fail(f"eval.{key}", "expected a non-empty list of names")
+            for i, name in enumerate(out[key]):
+                if known is not None and name not in known:
+                    raise check.fail(f"eval.{key}[{i}]", f"unknown category {name!r}; one of {', '.join(known)}")
+    if out["tests"] is not None:
+        try:
+            all_tests(out["categories"], out["tests"])
+        except ValueError as exc:
+            raise check.fail("eval.tests", str(exc)) from None
+    server = check.block(out["server"] or {}, "eval.server", SERVER, fill=False)
+    files = {}
+    if server.get("chat_template"):
+        files["chat_template"] = check.existing_file(server["chat_template"], "eval.server.chat_template", base)
+    out["server"] = server
+    return out, files

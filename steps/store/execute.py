@@ -1,0 +1,200 @@
+"""The executor: restore a stage's key from the store, or build it in a temporary directory, hash what it
+wrote, publish it read-only with one rename, and place it into build/<recipe>/; the doit target last."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from steps import constants as C
+from steps.files import force_remove, read_json, write_json_atomic
+from steps.hashing import StatCache, tree_digests
+from steps.plan import plan
+from steps.settings import store_root
+from steps.stage import Context, Stage, declaration
+from steps.store.keys import entry, stage_key, stat_cache
+from steps.store.locks import key_lock, remove_stale_tmp
+from steps.store.space import _FULL, SMALL_OUTPUT, check_space, disk_full, estimate_bytes
+
+logger = logging.getLogger(__name__)
+
+FICLONE = 0x40049409                      # linux/fs.h: _IOW(0x94, 9, int)
+
+
+_NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EBADF, errno.EPERM}
+
+
+
+def execute(stage: Stage) -> None:
+    """doit action of every stage: restore from the store, or build and publish."""
+    started = time.time()
+    cache = stat_cache()
+    key, material, inputs = stage_key(stage, cache)
+    remove_stale_tmp()
+    done = entry(key)
+    action = "restored"
+    needed: int | None = None
+    where = stage.build_dir
+    try:
+        with key_lock(key, what=stage.id):
+            if not (done / "manifest.json").exists():
+                action = "built"
+                late_check = declaration(stage.kind).check
+                if late_check is not None:
+                    late_check(stage, inputs)
+                needed = estimate_bytes(stage, inputs)
+                tmp_root = store_root() / "tmp"
+                tmp_root.mkdir(parents=True, exist_ok=True)
+                where = tmp_root
+                check_space(tmp_root, needed, stage.id)
+                _build(stage, key, material, inputs, cache, needed)
+            else:
+                try:
+                    os.utime(done)             # last used: gc keeps the most recently used entries
+                except OSError:
+                    pass
+            manifest = read_json(done / "manifest.json")
+            where = stage.build_dir
+            stage.build_dir.mkdir(parents=True, exist_ok=True)
+            if os.stat(done).st_dev != os.stat(stage.build_dir).st_dev:   # placing copies the bytes
+                needed = sum(int(i["size"]) for i in manifest["outputs"].values())
+                check_space(stage.build_dir, needed, stage.id)
+            placed = _place(stage, done, manifest["outputs"], cache)
+        write_json_atomic(stage.key_file, {"key": key, "placed": placed})
+        write_json_atomic(stage.target, {"schema": C.SCHEMA_VERSION, "stage": stage.id,
+                                         "outputs": manifest["outputs"], **manifest.get("record", {})})
+        cache.save()
+        seconds = round(time.time() - started, 3)
+        with open(stage.build_dir / C.MANIFEST_DIR / "events.jsonl", "a") as log:
+            log.write(json.dumps({"stage": stage.id, "action": action, "key": key, "seconds": seconds,
+                                  "at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        logger.info("%s %s in %.2f s (key %s)", stage.id, action, seconds, key[:12])
+        write_lock(stage)
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise disk_full(stage, exc, where, needed) from None
+        raise
+
+
+def _build(stage: Stage, key: str, material: dict[str, Any], inputs: dict[str, dict[str, Any]],
+           cache: StatCache, needed: int = 0) -> None:
+    tmp_root = store_root() / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{stage.kind}.{key}.{os.getpid()}.", dir=tmp_root))
+    try:
+        ctx = Context(stage, key, work / "out", inputs, cache)
+        ctx.out.mkdir()
+        started = time.time()
+        try:
+            declaration(stage.kind).build(ctx)
+        except Exception as exc:
+            # a llama.cpp program, or a library writing through its own code (safetensors, torch.save), that ran
+            # out of space says so in its own words, or as a traceback: a full disk is the cause to report
+            if not (isinstance(exc, OSError) and exc.errno in _FULL) and shutil.disk_usage(work).free < SMALL_OUTPUT:
+                raise disk_full(stage, OSError(errno.ENOSPC, "no space left", str(work)), work, needed) from exc
+            raise
+        seconds = round(time.time() - started, 3)
+        outputs = tree_digests(ctx.out, cache)
+        for rel in outputs:
+            path = ctx.out / rel
+            path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        manifest = {"schema": C.SCHEMA_VERSION, "key": key, "stage": stage.id, "material": material,
+                    "outputs": outputs, "record": ctx.record, "build_seconds": seconds}
+        (ctx.out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        dest = entry(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():                      # an incomplete entry (no manifest): replace it
+            shutil.rmtree(dest, onerror=force_remove)
+        os.replace(ctx.out, dest)
+    finally:
+        shutil.rmtree(work, onerror=force_remove)
+
+
+_REFLINK: dict[tuple[int, int], bool] = {}
+
+
+def _clone(src: Path, dest: Path) -> str:
+    """``dest`` as a new file with ``src``'s bytes: a copy-on-write reflink where the filesystem can (btrfs, XFS,
+    ...; a write through build/ then leaves the store intact), else a hardlink (no extra space; a write through
+    build/ changes the store entry too, which `doit verify` finds), else a copy (another filesystem)."""
+    devices = (os.stat(src).st_dev, os.stat(dest.parent).st_dev)
+    if _REFLINK.get(devices, True):
+        try:
+            with open(src, "rb") as fsrc, open(dest, "xb") as fdest:
+                fcntl.ioctl(fdest.fileno(), FICLONE, fsrc.fileno())
+            return "reflink"
+        except OSError as exc:
+            dest.unlink(missing_ok=True)
+            if exc.errno not in _NO_REFLINK:
+                raise
+            _REFLINK[devices] = False
+    try:
+        os.link(src, dest)
+        return "link"
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise
+    shutil.copyfile(src, dest)
+    return "copy"
+
+
+def _place(stage: Stage, done: Path, outputs: dict[str, Any], cache: StatCache) -> str:
+    """Place the entry's files into build/<recipe>/, each atomically and read-only. Returns how: "reflink",
+    "link", "copy" ("mixed" when they differ, "none" for a stage without outputs)."""
+    build_dir = stage.build_dir
+    owned_dirs = {rel.split("/", 1)[0] for rel in outputs if "/" in rel}
+    for top in owned_dirs:                     # drop files a previous version of this stage left behind
+        for old in (build_dir / top).rglob("*") if (build_dir / top).is_dir() else ():
+            if old.is_file() and old.relative_to(build_dir).as_posix() not in outputs:
+                old.unlink()
+    modes: set[str] = set()
+    for rel, info in outputs.items():
+        src, dest = done / rel, build_dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for stale in dest.parent.glob(f".{dest.name}.*.tmp"):   # left by a killed run (this dir is locked)
+            stale.unlink(missing_ok=True)
+        if dest.exists() and os.path.samefile(src, dest):
+            modes.add("link")
+            continue
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            mode = _clone(src, tmp)
+            if mode != "link":
+                tmp.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+                cache.remember(tmp, info["digest"])
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        modes.add(mode)
+    return modes.pop() if len(modes) == 1 else ("mixed" if modes else "none")
+
+
+def write_lock(stage: Stage) -> None:
+    """build/<recipe>/lock.json: every artifact's digest and stage key, every source's revision."""
+    recipe = stage.recipe
+    build_dir = stage.build_dir
+    artifacts: dict[str, Any] = {}
+    sources: dict[str, Any] = {}
+    stages: dict[str, str] = {}
+    for st in plan(recipe):
+        if not st.target.exists() or not st.key_file.exists():
+            continue
+        target = read_json(st.target)
+        stages[st.id] = read_json(st.key_file)["key"]
+        for rel, info in target["outputs"].items():
+            artifacts[rel] = {**info, "stage": st.id}
+        sources.update(target.get("sources", {}))
+    write_json_atomic(build_dir / C.LOCK_FILE, {
+        "schema": C.SCHEMA_VERSION, "recipe": recipe.name, "recipe_file": recipe.file.name,
+        "sources": sources, "stages": stages, "artifacts": artifacts})
+

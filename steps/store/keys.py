@@ -1,0 +1,68 @@
+"""Stage keys and what a doit run checks without hashing: the key of a stage (its kind, params, input digests,
+extra key inputs and tools), where its store entry is, and whether its placed outputs are still current."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from steps.files import read_json
+from steps.hashing import StatCache, digest_value
+from steps.settings import store_root
+from steps.stage import Stage, declaration
+
+
+def stat_cache() -> StatCache:
+    return StatCache(store_root() / "statcache.json")
+
+
+def stage_key(stage: Stage, cache: StatCache) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
+    inputs = {dep: read_json(stage.target.with_name(f"{dep.replace(':', '.', 1)}.json")) for dep in stage.deps}
+    hook = declaration(stage.kind).key_inputs
+    extra = hook(stage, cache) if hook is not None else {}
+    material = {
+        "kind": stage.kind,
+        "params": stage.params,
+        "inputs": {dep: {"outputs": consumed(dep, m["outputs"]),
+                         **({"sources": m["sources"]} if "sources" in m else {})} for dep, m in inputs.items()},
+        "files": {role: cache.digest(path) for role, path in stage.files.items()},
+        "extra": extra,
+        "tools": stage.tools(),
+    }
+    return digest_value(material), material, inputs
+
+
+def consumed(dep: str, outputs: dict[str, Any]) -> dict[str, Any]:
+    """The upstream outputs a stage's key reads: what the upstream stage's declaration says (default: all)."""
+    keyed = declaration(dep.split(":", 1)[0]).keyed_outputs
+    return keyed(outputs) if keyed is not None else outputs
+
+
+def placed_is_current(stage: Stage) -> bool:
+    """doit uptodate of every stage, stat only (no hashing): each output the target lists is in build/ with its
+    recorded size (the store entry's own file, when placed as a hardlink), and the store entry the key file names
+    still exists with its manifest. When not, the task runs and execute() restores (or rebuilds) it."""
+    try:
+        outputs = read_json(stage.target)["outputs"]
+        placed = read_json(stage.key_file)
+    except (OSError, ValueError, KeyError):
+        return False
+    done = entry(str(placed.get("key", "")))
+    if not (done / "manifest.json").is_file():
+        return False
+    linked = placed.get("placed") == "link"
+    for rel, info in outputs.items():
+        try:
+            here, there = os.stat(stage.build_dir / rel), os.stat(done / rel)
+        except OSError:
+            return False
+        if here.st_size != info["size"] or there.st_size != info["size"]:
+            return False
+        if linked and (here.st_ino, here.st_dev) != (there.st_ino, there.st_dev):
+            return False
+    return True
+
+
+def entry(key: str) -> Path:
+    return store_root() / "store" / key[:2] / key
+
