@@ -1,7 +1,7 @@
 """mergeforge's doit tasks: one task per stage, one subtask per recipe (and per quant type).
 
 Task creators only read recipes and build metadata: no hashing of artifacts, no torch. Each action calls
-steps.store.execute, which restores a stage from the content-keyed store or builds it.
+steps.store.executor, which restores a stage from the content-keyed store or builds it.
 
     doit                          # build every recipe in recipes/ (MERGEFORGE_RECIPES to point elsewhere)
     doit quantize:demo-Q4_K_M     # one target and what it needs

@@ -465,3 +465,64 @@ def test_a_truncated_state_file_is_moved_aside_and_stages_restore(merged: Worksp
     assert again.executed == ["fetch:tiny", "merge:tiny"]
     assert built_counts(ws) == {"fetch:tiny": 1, "merge:tiny": 1}      # restored, not rebuilt
     assert ws.doit("merge").executed == []
+
+
+WRAPPED_DODO = """
+import dataclasses, sys
+sys.path.insert(0, {root!r})
+import steps.merge
+import steps.store.executor
+{patch}
+from dodo import *  # noqa: F401,F403  (the project's tasks and DOIT_CONFIG, with the patch above in force)
+"""
+SAFETENSORS_WRITER = """
+def big_writer(ctx):
+    import torch
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(8 << 20, dtype=torch.float32)}, str(ctx.out / "big.safetensors"))   # 32 MB
+
+steps.merge.STAGE = dataclasses.replace(steps.merge.STAGE, build=big_writer)
+"""
+SPACE_CHECK_PASSED = """
+steps.store.executor.check_space = lambda *args, **kwargs: None   # the disk fills after the check passed
+"""
+
+
+def wrapped_doit(ws: Workspace, patch: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    dodo = ws.path / "dodo_patched.py"
+    dodo.write_text(WRAPPED_DODO.format(root=str(ROOT), patch=patch))
+    proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(dodo), *args], cwd=ws.path,
+                          env={**ws.env(), **(env or {})}, capture_output=True, text=True, timeout=300)
+    dodo.unlink()
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_disk_full_inside_a_library_writer_is_one_line_naming_the_disk(tmpfs: Mount, tiny_llama: Path) -> None:
+    """A stage whose library (here safetensors, as transformers' save_pretrained in a fetch or the heal's save)
+    runs out of space raises its own error type: still one line, naming the full filesystem, nothing left."""
+    disk = tmpfs("disk", "16m")
+    ws = Workspace(disk)
+    ws.write_recipe("tiny", merge_recipe(tiny_llama))
+    code, out = wrapped_doit(ws, SAFETENSORS_WRITER, "merge")
+    assert code != 0 and "Traceback" not in out and "SafetensorError" not in out, out
+    (line,) = mf_lines(out)
+    assert "merge:tiny: disk full writing" in line and f"(the filesystem at {disk})" in line, line
+    assert "doit gc" in line, line
+    assert_nothing_half_written(ws)
+    assert not list((ws.store / "tmp").glob("merge.*")), "the temporary directory is left behind"
+
+
+def test_disk_full_copying_into_a_build_dir_on_another_disk_names_that_disk(tmpfs: Mount, tiny_llama: Path) -> None:
+    """The store on one filesystem, build/ on another (placing copies the bytes), and build/'s disk fills after the
+    space check: the line names the file in build/ and build/'s filesystem, not the store's file being read."""
+    ws = Workspace(tmpfs("store", "64m"))
+    build = tmpfs("build", "4m")
+    ws.write_recipe("tiny", merge_recipe(tiny_llama))
+    code, out = wrapped_doit(ws, SPACE_CHECK_PASSED, "merge", env={"MERGEFORGE_BUILD": str(build)})
+    assert code != 0 and "Traceback" not in out, out
+    (line,) = mf_lines(out)
+    assert "merge:tiny: disk full writing" in line and f"(the filesystem at {build})" in line, line
+    writing = line.split("disk full writing ", 1)[1]
+    assert writing.startswith(str(build / "tiny" / "merged")), line
+    assert str(ws.store) not in line, line
+    assert not [p for p in build.rglob("*.tmp")], "a half-written placement is left in build/"

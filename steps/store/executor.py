@@ -98,7 +98,9 @@ def _build(stage: Stage, key: str, material: dict[str, Any], inputs: dict[str, d
         except Exception as exc:
             # a llama.cpp program, or a library writing through its own code (safetensors, torch.save), that ran
             # out of space says so in its own words, or as a traceback: a full disk is the cause to report
-            if not (isinstance(exc, OSError) and exc.errno in _FULL) and shutil.disk_usage(work).free < SMALL_OUTPUT:
+            if isinstance(exc, OSError) and exc.errno in _FULL:
+                raise                              # execute() names the file it was writing
+            if _says_disk_full(exc) or shutil.disk_usage(work).free < SMALL_OUTPUT:
                 raise disk_full(stage, OSError(errno.ENOSPC, "no space left", str(work)), work, needed) from exc
             raise
         seconds = round(time.time() - started, 3)
@@ -116,6 +118,23 @@ def _build(stage: Stage, key: str, material: dict[str, Any], inputs: dict[str, d
         os.replace(ctx.out, dest)
     finally:
         shutil.rmtree(work, onerror=force_remove)
+
+
+_FULL_WORDS = tuple(os.strerror(code) for code in _FULL)      # "No space left on device", "Disk quota exceeded"
+
+
+def _says_disk_full(exc: BaseException) -> bool:
+    """An error of a library's own type (safetensors' SafetensorError, torch's RuntimeError, a llama.cpp program's
+    StepFailed) that says, in its words or its cause, that the disk was full. A writer that removes its partial file
+    leaves the disk with space again, so the words are what is left to go on."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in _FULL or any(w in str(seen) for w in _FULL_WORDS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 _REFLINK: dict[tuple[int, int], bool] = {}
