@@ -33,23 +33,10 @@ DEP_FILE = settings.build_root() / ".doit.json"
 DOIT_CONFIG = {
     "backend": "json",
     "dep_file": str(DEP_FILE),
-    "default_tasks": ["recipes", "fetch", "merge", "heal", "convert", "imatrix", "quantize", "bench", "eval",
-                      "scoreboard"],
+    "default_tasks": ["recipes", *C.STAGES],     # every stage, in the chain's order
     "verbosity": 2,
     "continue": True,             # a failing recipe (or quant) does not stop the others
     "reporter": Reporter,         # doit's report, short: each failure's reason once, last
-}
-STAGE_DOCS = {
-    "fetch": "pin each recipe's sources (local models by digest; Hub repos to a locked commit; packaged GGUFs "
-             "imported to safetensors)",
-    "merge": "merge the sources per the recipe's mergekit-style merge block (streamed safetensors)",
-    "convert": "convert the merged model to a GGUF with llama.cpp's converter, with provenance metadata",
-    "imatrix": "compute an importance matrix with llama-imatrix on the recipe's calibration text",
-    "quantize": "quantize the GGUF with llama-quantize, one subtask per type",
-    "heal": "the QLoRA heal fine-tune of the merged model (adapter, loss curve, healed 16-bit model)",
-    "bench": "size, perplexity and KL-divergence of each quant against the unquantized GGUF, per variant",
-    "eval": "the capability suite against llama-server, one subtask per evaluated GGUF",
-    "scoreboard": "every variant's figures side by side (scoreboard.json, scoreboard.md)",
 }
 
 
@@ -157,7 +144,7 @@ def _asked_of_broken(kind: str) -> dict[str, MergeforgeError]:
 
 def _stage_tasks(kind: str):  # type: ignore[no-untyped-def]
     # a recipe that does not load fails `doit <stage>` too (once, as recipes:<file>), without stopping the others
-    yield {"basename": kind, "name": None, "doc": STAGE_DOCS[kind], "task_dep": ["recipes"]}
+    yield {"basename": kind, "name": None, "doc": C.STAGES[kind].doc, "task_dep": ["recipes"]}
     names = set()
     for stage in STAGES:
         if stage.kind == kind:
@@ -184,40 +171,16 @@ def task_toolchain():  # type: ignore[no-untyped-def]
     return {"actions": [toolchain.ensure], "uptodate": [toolchain.is_available], "verbosity": 2}
 
 
-def task_fetch():  # type: ignore[no-untyped-def]
-    yield from _stage_tasks("fetch")
+def _stage_task_creator(kind: str):  # type: ignore[no-untyped-def]
+    def creator():  # type: ignore[no-untyped-def]
+        yield from _stage_tasks(kind)
+    creator.__doc__ = C.STAGES[kind].doc
+    return creator
 
 
-def task_merge():  # type: ignore[no-untyped-def]
-    yield from _stage_tasks("merge")
-
-
-def task_convert():  # type: ignore[no-untyped-def]
-    yield from _stage_tasks("convert")
-
-
-def task_imatrix():  # type: ignore[no-untyped-def]
-    yield from _stage_tasks("imatrix")
-
-
-def task_quantize():  # type: ignore[no-untyped-def]
-    yield from _stage_tasks("quantize")
-
-
-def task_heal():  # type: ignore[no-untyped-def]
-    yield from _stage_tasks("heal")
-
-
-def task_bench():  # type: ignore[no-untyped-def]
-    yield from _stage_tasks("bench")
-
-
-def task_eval():  # type: ignore[no-untyped-def]
-    yield from _stage_tasks("eval")
-
-
-def task_scoreboard():  # type: ignore[no-untyped-def]
-    yield from _stage_tasks("scoreboard")
+# task_fetch, task_merge, ...: one task per kind of stage in constants.STAGES, one subtask per stage of the plan
+for _kind in C.STAGES:
+    globals()[f"task_{_kind}"] = _stage_task_creator(_kind)
 
 
 def _verify(full: bool) -> TaskFailed | None:

@@ -21,22 +21,33 @@ class StageSpec:
     module: str                   # the module that declares the stage (STAGE = steps.stage.Declaration(...))
     version: int                  # bump when the stage's code changes what it writes: it is part of the key
     packages: tuple[str, ...]     # Python packages whose versions enter the key
+    doc: str                      # what `doit list` says of the stage's task
     llama_cpp: bool = False       # runs llama.cpp programs: llama.cpp's version enters the key
 
 
-# Every kind of stage, in the order of the chain: a new stage is its module plus one line here (and its place in
-# steps/plan.py, the one place that knows the graph).
+_TORCH = ("torch", "transformers", "safetensors", "gguf")
+# Every kind of stage, in the order of the chain: a new stage is its module plus one entry here (and its place in
+# steps/plan.py, the one place that knows the graph); dodo.py makes its doit task from this table.
 STAGES = {
-    "fetch":      StageSpec("steps.fetch",      1, ("torch", "transformers", "safetensors", "gguf")),
-    "merge":      StageSpec("steps.merge",      1, ("torch", "safetensors")),
-    "heal":       StageSpec("steps.heal",       1, ("torch", "transformers", "peft", "bitsandbytes", "safetensors")),
-    "convert":    StageSpec("steps.convert",    2, ("torch", "transformers", "safetensors", "gguf"), llama_cpp=True),
-    "imatrix":    StageSpec("steps.imatrix",    2, (), llama_cpp=True),
-    "quantize":   StageSpec("steps.quantize",   1, (), llama_cpp=True),
-    "bench":      StageSpec("steps.bench",      3, (), llama_cpp=True),
-    "eval":       StageSpec("steps.eval",       2, ("openai", "jsonschema", "html5lib", "tinycss2", "tree-sitter",
-                                                    "tree-sitter-javascript", "playwright"), llama_cpp=True),
-    "scoreboard": StageSpec("steps.scoreboard", 3, ("matplotlib",)),
+    "fetch": StageSpec("steps.fetch", 1, _TORCH, "pin each recipe's sources (local models by digest; Hub repos to a "
+                       "locked commit; packaged GGUFs imported to safetensors)"),
+    "merge": StageSpec("steps.merge", 1, ("torch", "safetensors"),
+                       "merge the sources per the recipe's mergekit-style merge block (streamed safetensors)"),
+    "heal": StageSpec("steps.heal", 1, ("torch", "transformers", "peft", "bitsandbytes", "safetensors"),
+                      "the QLoRA heal fine-tune of the merged model (adapter, loss curve, healed 16-bit model)"),
+    "convert": StageSpec("steps.convert", 2, _TORCH, "convert the merged model to a GGUF with llama.cpp's converter, "
+                         "with provenance metadata", llama_cpp=True),
+    "imatrix": StageSpec("steps.imatrix", 2, (), "compute an importance matrix with llama-imatrix on the recipe's "
+                         "calibration text", llama_cpp=True),
+    "quantize": StageSpec("steps.quantize", 1, (), "quantize the GGUF with llama-quantize, one subtask per type",
+                          llama_cpp=True),
+    "bench": StageSpec("steps.bench", 3, (), "size, perplexity and KL-divergence of each quant against the "
+                       "unquantized GGUF, per variant", llama_cpp=True),
+    "eval": StageSpec("steps.eval", 2, ("openai", "jsonschema", "html5lib", "tinycss2", "tree-sitter",
+                                        "tree-sitter-javascript", "playwright"),
+                      "the capability suite against llama-server, one subtask per evaluated GGUF", llama_cpp=True),
+    "scoreboard": StageSpec("steps.scoreboard", 3, ("matplotlib",),
+                            "every variant's figures side by side (scoreboard.json, scoreboard.md)"),
 }
 
 # Artifact names under build/<recipe>/.

@@ -33,7 +33,7 @@ SEPARATORS = re.compile(r"#|&&|\|\||;|\|")
 
 
 def rel(path: Path) -> str:
-    return path.relative_to(ROOT).as_posix()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
 
 
 def lines_of(page: Path) -> Iterator[tuple[int, str, bool]]:
@@ -85,7 +85,8 @@ def resolve(page: Path, target: str) -> Path:
 # ------------------------------------------------------------------------------------------------------ dodo.py
 
 def dodo_tasks() -> dict[str, set[str]]:
-    """Task basenames of dodo.py (``def task_<name>``) and the long option names each declares (``"long": ...``)."""
+    """Task basenames of dodo.py (``def task_<name>``, and one per kind of stage in steps.constants.STAGES) and the
+    long option names each declares (``"long": ...``)."""
     tree = ast.parse((ROOT / "dodo.py").read_text(encoding="utf-8"))
     tasks: dict[str, set[str]] = {}
     for node in tree.body:
@@ -98,6 +99,9 @@ def dodo_tasks() -> dict[str, set[str]]:
                                 and isinstance(value, ast.Constant) and isinstance(value.value, str)):
                             options.add(f"--{value.value}")
             tasks[node.name.removeprefix("task_")] = options
+    from steps.constants import STAGES             # dodo.py makes one task_<kind> per entry of this table
+    for kind in STAGES:
+        tasks.setdefault(kind, set())
     return tasks
 
 
@@ -224,3 +228,107 @@ def test_the_command_checker_catches_what_it_should(tmp_path: Path) -> None:
                     "not build/.doit.json or pydoit.org\n\n```yaml\nkey: 1   # doit publish:<recipe> only\n```\n")
     assert list(doit_commands(page)) == [(3, "doit verfiy"), (3, "doit list"), (5, "doit gc --keep 2"),
                                          (9, "doit publish:<recipe> only")]
+
+
+# ------------------------------------------------------------------------------------------------ recipe keys
+
+ANY = "<any name>"             # a key the recipe chooses: a source's name
+
+
+def recipe_schema() -> dict[str, object]:
+    """Every key a recipe may hold, as the schema declares it (steps/recipe: TOP_KEYS and each block's Field table):
+    a dict of key -> sub-schema, a one-element list for a list of such entries, None for a value."""
+    from steps import methods
+    from steps.recipe import TOP_KEYS
+    from steps.recipe.blocks import BENCH, GGUF, IMATRIX, PUBLISH_KEYS, QUANT_KEYS
+    from steps.recipe.eval import EVAL, SERVER
+    from steps.recipe.heal import DATA, HEAL, LORA, TRAIN
+    from steps.recipe.merge import MERGE_KEYS, SLICE_KEYS, SLICE_SOURCE_KEYS
+    from steps.recipe.sources import SOURCE_KEYS
+
+    def leaves(keys: object) -> dict[str, object]:
+        return {str(k): None for k in keys}                       # type: ignore[attr-defined]
+
+    params = leaves({p for name in methods.names() for p in methods.params(name)})
+    source = {**leaves(SLICE_SOURCE_KEYS), "parameters": params}
+    schema: dict[str, object] = {
+        **leaves(TOP_KEYS),
+        "sources": {ANY: leaves(SOURCE_KEYS)},
+        "merge": {**leaves(MERGE_KEYS), "parameters": params, "models": [source],
+                  "slices": [{**leaves(SLICE_KEYS), "sources": [source], "parameters": params}]},
+        "gguf": leaves(GGUF), "imatrix": leaves(IMATRIX), "bench": leaves(BENCH), "quantize": [leaves(QUANT_KEYS)],
+        "heal": {**leaves(HEAL), "lora": leaves(LORA), "train": leaves(TRAIN), "data": [leaves(DATA)]},
+        "eval": {**leaves(EVAL), "server": leaves(SERVER)},
+        "publish": leaves(PUBLISH_KEYS),
+    }
+    assert set(schema) == set(TOP_KEYS)
+    return schema
+
+
+def unknown_keys(value: object, schema: object, path: str) -> Iterator[str]:
+    """The dotted path of every key in ``value`` the schema does not declare."""
+    if isinstance(schema, list) and isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from unknown_keys(item, schema[0], f"{path}[{i}]")
+    elif isinstance(schema, dict) and isinstance(value, dict):
+        for key, sub in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if str(key) in schema:
+                yield from unknown_keys(sub, schema[str(key)], where)
+            elif ANY in schema:
+                yield from unknown_keys(sub, schema[ANY], where)
+            else:
+                yield where
+
+
+YAML_BLOCK = re.compile(r"^```ya?ml\n(.*?)^```", re.M | re.S)
+DOTTED_KEY = re.compile(r"`((?:sources|merge|gguf|imatrix|quantize|heal|bench|eval|publish)(?:\.[a-z_]+|\[\d+\])+)"
+                        r"(?::[^`]*)?`")
+FILE_SUFFIXES = (".py", ".md", ".json", ".yaml", ".yml", ".txt", ".gguf", ".png", ".log")   # `merge.py` is a file
+
+
+def key_problems(page: Path, schema: dict[str, object]) -> list[str]:
+    import yaml
+    text = page.read_text(encoding="utf-8")
+    problems = []
+    for block in YAML_BLOCK.finditer(text):
+        line = text[:block.start()].count("\n") + 2
+        try:
+            value = yaml.safe_load(block.group(1))
+        except yaml.YAMLError as exc:
+            problems.append(f"{rel(page)}:{line}: a YAML block that does not parse: {exc}")
+            continue
+        problems += [f"{rel(page)}:{line}: YAML block: `{key}` is not a recipe key"
+                     for key in unknown_keys(value, schema, "")]
+    for number, line_text, _ in lines_of(page):
+        for match in DOTTED_KEY.finditer(line_text):
+            dotted = match.group(1)
+            if dotted.endswith(FILE_SUFFIXES):
+                continue
+            parts = [p for p in re.split(r"\.|(\[\d+\])", dotted) if p]
+            value: object = None
+            for part in reversed(parts):                  # build the smallest recipe that holds the key
+                value = [value] if part.startswith("[") else {part: value}
+            problems += [f"{rel(page)}:{number}: `{dotted}` is not a recipe key ({key})"
+                         for key in unknown_keys(value, schema, "")]
+    return problems
+
+
+@pytest.mark.parametrize("page", PAGES, ids=rel)
+def test_every_recipe_key_a_page_shows_exists(page: Path) -> None:
+    """Every key of every YAML block, and every dotted recipe key in inline code (`heal.train.max_steps`), is one
+    the schema declares: a renamed key fails here, naming the page and the line."""
+    problems = key_problems(page, recipe_schema())
+    assert not problems, "\n".join(problems)
+
+
+def test_the_key_checker_catches_what_it_should(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("# T\n\n```yaml\nheal:\n  train: {max_step: 4}\nmerge: {slices: [{sources: [{modle: a}]}]}\n"
+                    "sources: {mine: {paht: x}}\n```\n\nSet `eval.server.paralel` or `gguf.outtype`.\n")
+    problems = key_problems(page, recipe_schema())
+    assert [p.split(": ", 1)[1] for p in problems] == [
+        "YAML block: `heal.train.max_step` is not a recipe key",
+        "YAML block: `merge.slices[0].sources[0].modle` is not a recipe key",
+        "YAML block: `sources.mine.paht` is not a recipe key",
+        "`eval.server.paralel` is not a recipe key (eval.server.paralel)"], problems

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ def disk_full(stage: Stage, exc: OSError, where: Path, needed: int | None = None
     """One line for a disk that filled while a stage wrote: the file being written (a copy's destination, not its
     source), the filesystem that is full, and its free space now."""
     place = Path(getattr(exc, "filename2", None) or exc.filename or where)
+    placing = re.fullmatch(r"\.(.+)\.\d+\.tmp", place.name)         # a placement's temporary name: say the file
+    if placing:
+        place = place.with_name(placing.group(1))
     probe = next((p for p in (place, *place.parents) if p.exists()), store_root())
     free = shutil.disk_usage(probe).free
     estimate = f", the estimate was {human(needed)}" if needed else ""
