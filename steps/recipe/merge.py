@@ -5,15 +5,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from steps.recipe.fields import Checker, did_you_mean
+from steps.recipe.fields import Checker, Field, did_you_mean
 from steps.recipe.sources import Source, _model_ref
 from steps.tensors import source_layer_count
 
-MERGE_KEYS = ("merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype",
-              "tokenizer_source", "tokenizer", "chat_template", "shard_bytes", "random_seed")
+DTYPES = ("float32", "float16", "bfloat16")
+MERGE = {                                           # mergekit's keys; the method's parameters: steps.methods
+    "merge_method":     Field("any"),
+    "slices":           Field("any"),
+    "models":           Field("any"),
+    "base_model":       Field("any"),
+    "parameters":       Field("any"),
+    "dtype":            Field("choice", choices=DTYPES, noun="dtype"),
+    "out_dtype":        Field("choice", choices=DTYPES, noun="dtype"),
+    "tokenizer_source": Field("any"),
+    "tokenizer":        Field("any"),
+    "chat_template":    Field("any"),
+    "shard_bytes":      Field("int", lo=1),
+    "random_seed":      Field("int", lo=0, what="a non-negative integer (the seed of dare_*/della* drops), such as 0"),
+}
+MERGE_KEYS = tuple(MERGE)
 SLICE_KEYS = ("sources", "parameters")
 SLICE_SOURCE_KEYS = ("model", "layer_range", "parameters")
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _merge(check: Checker, value: Any, sources: dict[str, Source]) -> dict[str, Any]:
@@ -24,9 +37,7 @@ def _merge(check: Checker, value: Any, sources: dict[str, Source]) -> dict[str, 
     if name not in known:
         raise check.fail("merge.merge_method", f"unknown method {name!r}{did_you_mean(str(name), known)}; "
                          f"known: {', '.join(known)}")
-    for key in ("dtype", "out_dtype"):
-        if merge.get(key) is not None and merge[key] not in DTYPES:
-            raise check.fail(f"merge.{key}", f"expected one of {', '.join(DTYPES)}, got {merge[key]!r}")
+    check.block(merge, "merge", MERGE, fill=False)          # dtype, out_dtype, shard_bytes, random_seed
     if ("slices" in merge) == ("models" in merge):
         raise check.fail("merge", "give either slices: (layer ranges) or models: (whole models), as in mergekit")
     layered = name in methods.LAYERED
@@ -60,17 +71,10 @@ def _merge(check: Checker, value: Any, sources: dict[str, Source]) -> dict[str, 
             _source_entry(check, entry, f"merge.models[{i}]", sources, allowed, needs_range=False)
     if method is not None:
         _required_params(check, merge, method)
-    if "shard_bytes" in merge:
-        check.positive_int(merge["shard_bytes"], "merge.shard_bytes")
     template = merge.get("chat_template")
     if template is not None and template != "auto" and not (isinstance(template, str) and "{" in template):
         raise check.fail("merge.chat_template", f"expected a Jinja chat template or 'auto' (the tokenizer "
                          f"source's own), got {template!r}; named templates are not built in")
-    if "random_seed" in merge:
-        seed = merge["random_seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise check.fail("merge.random_seed", f"expected a non-negative integer, got {seed!r}; the seed of "
-                             "dare_*/della* drops: use a whole number such as 0")
     return merge
 
 
