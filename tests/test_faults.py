@@ -528,3 +528,19 @@ def test_disk_full_copying_into_a_build_dir_on_another_disk_names_that_disk(tmpf
     assert writing.startswith(str(build / "tiny" / "merged" / "model.safetensors") + " "), line
     assert str(ws.store) not in line, line
     assert not [p for p in build.rglob("*.tmp")], "a half-written placement is left in build/"
+
+
+def test_a_merge_that_cannot_be_made_is_refused_for_that_before_the_space_check(tmpfs: Mount, tiny_llama: Path,
+                                                                                tmp_path: Path) -> None:
+    """The merge declares its preflight as a late check: models that cannot be stacked are refused for that reason
+    (from their headers) even on a disk too small for the merge, and nothing is made in the store's tmp/."""
+    from conftest import make_synthetic_llama
+    wide = make_synthetic_llama(tmp_path / "wide", layers=4, hidden=128, inter=256, vocab=512)
+    ws = Workspace(tmpfs("disk", "4m"))
+    ws.write_recipe("tiny", f"sources:\n  a: {{path: {tiny_llama}}}\n  b: {{path: {wide}}}\nmerge:\n"
+                    "  merge_method: passthrough\n  base_model: a\n  slices:\n"
+                    "    - sources: [{model: a, layer_range: [0, 3]}]\n"
+                    "    - sources: [{model: b, layer_range: [1, 4]}]\n")
+    line = assert_refused(ws, "merge", "model 'b' has hidden size 128", args=("merge",), max_seconds=30)
+    assert "disk space" not in line, line
+    assert not list((ws.store / "tmp").glob("merge.*")), "a temporary directory was made"

@@ -38,9 +38,9 @@ from steps.tensors import (MERGEABLE, TEXT_CONFIGS, TORCH_DTYPES, source_layer_c
 if TYPE_CHECKING:
     from steps.stage import Context, Stage
 
-__all__ = ["STAGE", "Model", "Slice", "SliceSource", "build", "check_ranges", "copy_tokenizer", "estimate_bytes",
-           "find_layer_prefix", "layered_plan", "normalize_slices", "preflight", "rewrite_config", "tensorwise_plan",
-           "tools"]
+__all__ = ["STAGE", "Model", "Slice", "SliceSource", "build", "check", "check_ranges", "copy_tokenizer",
+           "estimate_bytes", "find_layer_prefix", "layered_plan", "normalize_slices", "preflight", "rewrite_config",
+           "tensorwise_plan", "tools"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,26 +90,56 @@ def copy_tokenizer(source: Path, dest: Path) -> list[str]:
     return copied
 
 
-def build(ctx: Context) -> None:
-    stage, merge = ctx.stage, ctx.stage.params
-    recipe_file = str(stage.recipe.file)
+def _open_models(stage: Stage) -> tuple[dict[str, Model], str | None]:
+    """Every model the merge reads, opened from its headers (no tensor data), and the base model's name."""
+    merge, recipe_file = stage.params, str(stage.recipe.file)
     entries = merge["slices"] if "slices" in merge else [{"sources": merge["models"]}]
     names = list(dict.fromkeys(src["model"] for sl in entries for src in sl["sources"]))
     base_name = merge.get("base_model")
     if base_name is not None and base_name not in names:
         names.append(base_name)
-    models = {}
-    for n in names:
-        try:
-            models[n] = Model.open(n, source_dir(stage, n))
-        except (ValueError, FileNotFoundError) as exc:
-            raise RecipeError(recipe_file, f"sources.{n}", f"cannot merge model '{n}': {exc}") from None
+    models: dict[str, Model] = {}
+    try:
+        for n in names:
+            try:
+                models[n] = Model.open(n, source_dir(stage, n))
+            except (ValueError, FileNotFoundError) as exc:
+                raise RecipeError(recipe_file, f"sources.{n}", f"cannot merge model '{n}': {exc}") from None
+    except BaseException:
+        for m in models.values():
+            m.reader.close()
+        raise
+    return models, base_name
+
+
+def _checked_slices(stage: Stage, models: dict[str, Model], base_name: str | None) -> list[Slice]:
+    merge, recipe_file = stage.params, str(stage.recipe.file)
+    slices = normalize_slices(merge, models, base_name)
+    check_ranges(slices, models, recipe_file)
+    preflight(merge, slices, models, models[base_name or next(iter(models))], recipe_file)
+    return slices
+
+
+def check(stage: Stage, inputs: dict[str, dict[str, Any]]) -> None:
+    """The late check: the fetched models can be merged as the recipe says (ranges, architectures, each layer's
+    tensors), from their headers alone, before any space is asked for or anything is written."""
+    models, base_name = _open_models(stage)
+    try:
+        _checked_slices(stage, models, base_name)
+    finally:
+        for m in models.values():
+            m.reader.close()
+
+
+def build(ctx: Context) -> None:
+    stage, merge = ctx.stage, ctx.stage.params
+    recipe_file = str(stage.recipe.file)
+    models, base_name = _open_models(stage)
+    names = list(models)
     base = models[base_name or names[0]]
     method_name = merge["merge_method"]
     try:
-        slices = normalize_slices(merge, models, base_name)
-        check_ranges(slices, models, recipe_file)
-        preflight(merge, slices, models, base, recipe_file)
+        slices = _checked_slices(stage, models, base_name)
         if method_name in LAYERED:
             tensors, layer_sources = layered_plan(merge, slices, models, base, recipe_file)
         else:
@@ -193,4 +223,4 @@ def tools(stage: Stage) -> dict[str, str]:
     return {"merge_device": device} if device != "cpu" else {}
 
 
-STAGE = Declaration(build=build, estimate_bytes=estimate_bytes, tools=tools)
+STAGE = Declaration(build=build, estimate_bytes=estimate_bytes, tools=tools, check=check)
