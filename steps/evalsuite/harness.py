@@ -1,13 +1,17 @@
 """Generated code against hidden cases, in the sandbox (``steps.sandbox.run_code``).
 
 The solution is one file (``solution.py`` / ``solution.js``) next to a harness that loads it, calls its entry
-points on each case under a per-case time limit, and prints one verdict line (``@@evalsuite {json}``) that the
-grader reads back; what the solution itself prints is discarded.
+points on each case under a per-case time limit, and prints one line (``@@evalsuite {json}``) with what each call
+returned, encoded with its type; what the solution itself prints is discarded. The expected values never enter that
+process: the grader (this module, in the parent) decodes the values and compares them. A solution that prints a
+forged line, exits early or patches the harness through ``sys.modules['__main__']`` can at most report values, and
+only right values pass; an object that claims to equal anything (``__eq__`` always true) comes back as an opaque
+object that equals nothing.
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from steps.evalsuite.core import Grade, fail
@@ -71,6 +75,29 @@ def _short(value):
     except BaseException:
         text = f"<unprintable {type(value).__name__}>"
     return text if len(text) <= 160 else text[:160] + "..."
+
+
+def _encode(value, depth=0):
+    """A value as JSON with its type, read through the base types' own methods (a subclass that overrides them to
+    lie is read as what it holds); anything else as an opaque object the grader compares equal to nothing."""
+    if depth > 100:
+        raise ValueError("nested more than 100 levels deep")
+    if value is None or value is True or value is False:
+        return {"t": "const", "v": value}
+    if isinstance(value, int):
+        return {"t": "int", "v": str(int.__index__(value))}
+    if isinstance(value, float):
+        return {"t": "float", "v": float.__repr__(value)}
+    if isinstance(value, str):
+        return {"t": "str", "v": str.__str__(value)}
+    if isinstance(value, bytes):
+        return {"t": "bytes", "v": bytes.hex(value)}
+    for kind in (list, tuple, set, frozenset):
+        if isinstance(value, kind):
+            return {"t": kind.__name__, "v": [_encode(x, depth + 1) for x in kind.__iter__(value)]}
+    if isinstance(value, dict):
+        return {"t": "dict", "v": [[_encode(k, depth + 1), _encode(v, depth + 1)] for k, v in dict.items(value)]}
+    return {"t": "object", "v": type(value).__name__, "repr": _short(value)}
 '''
 
 _PY_MAIN = r'''
@@ -94,46 +121,135 @@ def _main():
         return {"error": f"{', '.join(map(repr, missing))} not defined"
                          + (f" (solution.py defines {', '.join(defined)})" if defined else "")}
     scope = {**globals(), **{name: module.__dict__[name] for name in ENTRIES}}
-    passed, failure = 0, None
-    for call, expected in CASES:
+    results = []
+    for call in CALLS:
         try:
             got = _limited(CASE_SECONDS, lambda: eval(call, scope))
+            results.append({"value": _limited(CASE_SECONDS, lambda: _encode(got))})
         except _Slow:
-            failure = failure or f"{call} took longer than {CASE_SECONDS:g} s"
-            continue
+            results.append({"slow": CASE_SECONDS})
         except BaseException as e:
-            failure = failure or f"{call} raised {_error(e)}"
-            continue
-        try:
-            good = bool(_check(got, expected))
-        except Exception:
-            good = False
-        passed += good
-        if not good:
-            failure = failure or f"{call} returned {_short(got)}, expected {_short(expected)}"
-    return {"passed": passed, "total": len(CASES), "failure": failure}
+            results.append({"raised": _error(e)})
+    return {"results": results}
 
 
 _verdict(_main())
 '''
 
 
-def python_harness(entries: Sequence[str], cases: Sequence[tuple[str, Any]], *, check: str = "got == expected",
-                   setup: str = "", provide: Sequence[str] = (), case_seconds: float = 2.0) -> str:
-    """A harness that calls ``entries`` of solution.py: each case is (call source, expected value as a literal);
-    ``check`` is an expression of ``got`` and ``expected``; ``setup`` defines helpers the calls may use;
-    ``provide`` names setup definitions handed to the solution before it loads (e.g. a node class)."""
-    return (PRELUDE + setup + f"\n\ndef _check(got, expected):\n    return {check}\n\n"
-            f"ENTRIES = {list(entries)!r}\nPROVIDE = {list(provide)!r}\nCASE_SECONDS = {case_seconds!r}\n"
-            f"CASES = [\n" + "".join(f"    ({call!r}, {expected!r}),\n" for call, expected in cases) + "]\n"
+def python_harness(entries: Sequence[str], calls: Sequence[str], *, setup: str = "", provide: Sequence[str] = (),
+                   case_seconds: float = 2.0) -> str:
+    """A harness that calls ``entries`` of solution.py: each call is Python source; ``setup`` defines helpers the
+    calls may use; ``provide`` names setup definitions handed to the solution before it loads (e.g. a node class).
+    It holds no expected value."""
+    return (PRELUDE + setup + f"\n\nENTRIES = {list(entries)!r}\nPROVIDE = {list(provide)!r}\n"
+            f"CASE_SECONDS = {case_seconds!r}\nCALLS = [\n" + "".join(f"    {call!r},\n" for call in calls) + "]\n"
             + _PY_MAIN)
 
 
-def run_python(code: str, entries: Sequence[str], cases: Sequence[tuple[str, Any]], **harness: Any) -> Grade:
-    """Run ``code`` as solution.py against the cases (see ``python_harness``)."""
-    result = sandbox("python", {"solution.py": code, "check.py": python_harness(entries, cases, **harness)},
+def equal(got: Any, expected: Any) -> bool:
+    return bool(got == expected)
+
+
+def run_python(code: str, entries: Sequence[str], cases: Sequence[tuple[str, Any]], *,
+               check: Callable[[Any, Any], bool] = equal, **harness: Any) -> Grade:
+    """Run ``code`` as solution.py against the cases, each (call source, expected value); ``check(got, expected)``
+    compares, here, what the call returned with the expected value (default ``got == expected``)."""
+    result = sandbox("python", {"solution.py": code,
+                                "check.py": python_harness(entries, [call for call, _ in cases], **harness)},
                      ["check.py"])
-    return verdict(result)
+    return compared(result, [(call, expected, _python_value) for call, expected in cases], check)
+
+
+class Opaque:
+    """A value the harness could not read as data (an object of the solution's own class): it equals nothing."""
+
+    def __init__(self, kind: str, text: str) -> None:
+        self.kind, self.text = kind, text
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def decode(data: Any) -> Any:
+    """A value as the Python harness encoded it (see PRELUDE's _encode)."""
+    if not isinstance(data, dict) or "t" not in data:
+        raise ValueError(f"not an encoded value: {str(data)[:80]}")
+    kind, value = data["t"], data.get("v")
+    if kind == "const" and value in (None, True, False):
+        return value
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    if kind == "str":
+        return str(value)
+    if kind == "bytes":
+        return bytes.fromhex(value)
+    if kind in ("list", "tuple", "set", "frozenset"):
+        return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[kind](decode(x) for x in value)
+    if kind == "dict":
+        return {decode(k): decode(v) for k, v in value}
+    return Opaque(str(value), str(data.get("repr", f"<{value}>")))
+
+
+def _python_value(entry: dict[str, Any]) -> Any:
+    return decode(entry["value"])
+
+
+def _json_value(entry: dict[str, Any]) -> Any:
+    return json.loads(entry["value"]) if "value" in entry else Opaque("undefined", "undefined")
+
+
+def short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<unprintable {type(value).__name__}>"
+    return text if len(text) <= 160 else text[:160] + "..."
+
+
+def compared(result: Any, cases: Sequence[tuple[str, Any, Callable[[dict[str, Any]], Any]]],
+             check: Callable[[Any, Any], bool]) -> Grade:
+    """The Grade from a harness run: each case's returned value (read by its reader) compared with its expected
+    value here, in the grader; or why the run gave no values."""
+    data = _last_line(result)
+    if isinstance(data, Grade):
+        return data
+    results = data.get("results")
+    if not isinstance(results, list) or len(results) != len(cases):
+        return fail(f"the harness reported {len(results) if isinstance(results, list) else 'no'} results for "
+                    f"{len(cases)} cases")
+    passed, failure = 0, None
+    for (call, expected, read), entry in zip(cases, results, strict=True):
+        if not isinstance(entry, dict):
+            failure = failure or f"{call}: no result"
+        elif "slow" in entry:
+            seconds = entry["slow"]
+            limit = f"{seconds:g} s" if isinstance(seconds, (int, float)) else "its time limit"
+            failure = failure or f"{call} took longer than {limit}"
+        elif "raised" in entry:
+            failure = failure or f"{call} raised {entry['raised']}"
+        else:
+            try:
+                got = read(entry)
+            except (ValueError, TypeError, KeyError, OverflowError) as exc:
+                failure = failure or f"{call}: its value could not be read back ({exc})"
+                continue
+            try:
+                good = bool(check(got, expected))
+            except Exception:
+                good = False
+            passed += good
+            if not good:
+                failure = failure or f"{call} returned {short(got)}, expected {short(expected)}"
+    reason = f"{passed}/{len(cases)} cases" + (f"; first failure: {failure}" if failure else "")
+    return Grade(passed == len(cases), reason)
 
 
 _JS_HARNESS = r'''
@@ -141,11 +257,6 @@ const fs = require("fs");
 const vm = require("vm");
 const out = process.stdout;
 function verdict(fields) { out.write("\n@@evalsuite " + JSON.stringify(fields) + "\n", () => process.exit(0)); }
-function short(value) {
-  let text;
-  try { text = value === undefined ? "undefined" : JSON.stringify(value); } catch (e) { text = String(value); }
-  return text.length <= 160 ? text : text.slice(0, 160) + "...";
-}
 function main() {
   const shim = { exports: {} };
   Object.assign(globalThis, { module: shim, exports: shim.exports, require });
@@ -161,32 +272,47 @@ function main() {
                     + (line ? ` (solution.js line ${line[1]})` : "") };
   }
   if (typeof fn !== "function") return { error: `'${ENTRY}' not defined` };
-  let passed = 0, failure = null;
-  for (const [args, expected] of CASES) {
-    const call = `${ENTRY}(${args.map((a) => JSON.stringify(a)).join(", ")})`;
-    let got;
-    try { got = fn(...args); } catch (e) {
-      failure = failure ?? `${call} threw ${e && e.name}: ${e && e.message}`;
-      continue;
+  const results = [];
+  for (const args of CASES) {
+    try {
+      const got = fn(...args);
+      const text = JSON.stringify(got);
+      results.push(text === undefined ? {} : { value: String(text) });
+    } catch (e) {
+      results.push({ raised: `${e && e.name}: ${e && e.message}`.slice(0, 300) });
     }
-    if (JSON.stringify(got) === JSON.stringify(expected)) passed += 1;
-    else failure = failure ?? `${call} returned ${short(got)}, expected ${short(expected)}`;
   }
-  return { passed, total: CASES.length, failure };
+  return { results };
 }
 verdict(main());
 '''
 
 
 def run_javascript(code: str, entry: str, cases: Sequence[tuple[list[Any], Any]]) -> Grade:
-    """Run ``code`` as solution.js with node: ``entry(...args)`` must equal each expected value (as JSON)."""
-    harness = f"const ENTRY = {json.dumps(entry)};\nconst CASES = {json.dumps([list(c) for c in cases])};\n"
+    """Run ``code`` as solution.js with node: ``entry(...args)`` must equal each expected value, compared here as
+    JSON values (a number is not a boolean)."""
+    harness = f"const ENTRY = {json.dumps(entry)};\nconst CASES = {json.dumps([list(args) for args, _ in cases])};\n"
     result = sandbox("javascript", {"solution.js": code, "check.js": harness + _JS_HARNESS}, ["check.js"])
-    return verdict(result)
+    calls = [f"{entry}({', '.join(json.dumps(a) for a in args)})" for args, _ in cases]
+    return compared(result, [(call, expected, _json_value) for call, (_, expected) in zip(calls, cases, strict=True)],
+                    same_json)
 
 
-def verdict(result: Any) -> Grade:
-    """The Grade from a harness run: its verdict line, or why there is none."""
+def same_json(got: Any, expected: Any) -> bool:
+    """Equal as JSON values: a boolean is not a number, 3 and 3.0 are one number."""
+    if isinstance(got, bool) or isinstance(expected, bool):
+        return type(got) is type(expected) and got == expected
+    if isinstance(got, (int, float)) and isinstance(expected, (int, float)):
+        return bool(got == expected)
+    if isinstance(got, list) and isinstance(expected, list):
+        return len(got) == len(expected) and all(same_json(a, b) for a, b in zip(got, expected, strict=True))
+    if isinstance(got, dict) and isinstance(expected, dict):
+        return got.keys() == expected.keys() and all(same_json(got[k], expected[k]) for k in got)
+    return type(got) is type(expected) and got == expected
+
+
+def _last_line(result: Any) -> dict[str, Any] | Grade:
+    """The harness's line (the last one with the mark), or a failing Grade saying why there is none."""
     if result.timed_out:
         return fail("timed out")
     if result.killed:
@@ -195,10 +321,18 @@ def verdict(result: Any) -> Grade:
     if not lines:
         errors = [line for line in result.stderr.splitlines() if "Error" in line] or result.stderr.splitlines()
         return fail(f"no verdict (exit {result.returncode})" + (f": {clip(errors[-1])}" if errors else ""))
-    data = json.loads(lines[-1][len(MARK):])
+    try:
+        data = json.loads(lines[-1][len(MARK):])
+    except ValueError:
+        return fail("the harness's line is not JSON")
+    if not isinstance(data, dict):
+        return fail("the harness's line is not a JSON object")
     if "error" in data:
-        return fail(data["error"])
-    reason = f"{data['passed']}/{data['total']} cases"
-    if data["failure"]:
-        reason += f"; first failure: {data['failure']}"
-    return Grade(data["passed"] == data["total"], reason)
+        return fail(str(data["error"]))
+    return data
+
+
+def reported(result: Any) -> dict[str, Any] | Grade:
+    """What a harness of its own (e.g. the SQL test's) reported on its line, or a failing Grade saying why there is
+    none."""
+    return _last_line(result)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from steps.evalsuite.core import Grade, Reply, Test, fail, ok, register
-from steps.evalsuite.harness import PRELUDE, PY, run_javascript, run_python, sandbox, verdict
+from steps.evalsuite.harness import PRELUDE, PY, decode, reported, run_javascript, run_python, sandbox, short
 from steps.evalsuite.text import clip, code_block
 
 FENCE = "\n\nReply with the complete code in one fenced ```{} code block."
@@ -70,7 +70,8 @@ python_task("two_sum", (
     [("two_sum([2, 7, 11, 15], 9)", [0, 1]), ("two_sum([3, 2, 4], 6)", [1, 2]), ("two_sum([3, 3], 6)", [0, 1]),
      ("two_sum([-3, 4, 3, 90], 0)", [0, 2]), ("two_sum([1, 5, 9, 13, -4], 9)", [3, 4]),
      ("two_sum(EVENS_AND_ONE, 79999)", [39999, 40000])],
-    check="list(got) == expected", setup="EVENS_AND_ONE = list(range(0, 80000, 2)) + [1]  # one odd sum: 79998 + 1\n")
+    check=lambda got, expected: list(got) == expected,
+    setup="EVENS_AND_ONE = list(range(0, 80000, 2)) + [1]  # one odd sum: 79998 + 1\n")
 
 python_task("balanced_brackets", (
     "Write a Python function `is_balanced(text)` that returns True when every (, [ and { in `text` is closed by "
@@ -80,7 +81,7 @@ python_task("balanced_brackets", (
      ("is_balanced('(]')", False), ("is_balanced('((')", False), ("is_balanced('}{')", False),
      ("is_balanced('a(b[c]d)e')", True), ("is_balanced('([)]')", False), ("is_balanced('{[()()]}x')", True),
      ("is_balanced('())')", False), ("is_balanced('(' * 3000 + ')' * 3000)", True)],
-    check="got is expected")
+    check=lambda got, expected: got is expected)
 
 python_task("longest_substring", (
     "Write a Python function `length_of_longest_substring(s)` that returns the length of the longest substring of "
@@ -166,7 +167,7 @@ python_task("bfs_shortest_path", (
      ("shortest_path(G1, 'G', 'A')", None), ("shortest_path(G1, 'A', 'A')", ["A"]),
      ("shortest_path(G2, 1, 5)", [1, 2, 3, 4, 5]), ("shortest_path(G2, 3, 2)", [3, 4, 1, 2]),
      ("shortest_path(G3, 'x', 'z')", ["x", "y", "z"]), ("shortest_path(G3, 'z', 'x')", None)],
-    check="(list(got) if isinstance(got, (list, tuple)) else got) == expected", setup=_GRAPHS)
+    check=lambda got, expected: (list(got) if isinstance(got, (list, tuple)) else got) == expected, setup=_GRAPHS)
 
 python_task("find_the_bug", (
     "This function should return the averages of every run of `window` consecutive values, in order (an empty "
@@ -195,7 +196,7 @@ python_task("recursive_to_iterative", (
     ["flatten"],
     [("flatten([])", []), ("flatten([1, [2, [3, 4]], 5])", [1, 2, 3, 4, 5]), ("flatten([[], [[]], [1]])", [1]),
      ("flatten(['a', ['b'], 'c'])", ["a", "b", "c"]), ("flatten([[1, 2], 3, [[4], 5]])", [1, 2, 3, 4, 5]),
-     ("flatten(deep(10000)) == list(range(10001))", True)],
+     ("flatten(deep(10000))", list(range(10001)))],
     static=_flatten_iterative,
     setup="\ndef deep(n):\n    nested = [n]\n    for i in range(n - 1, -1, -1):\n        nested = [i, nested]\n"
           "    return nested\n")
@@ -235,8 +236,11 @@ python_task("anagram_groups", (
      ("group_anagrams([''])", [[""]]), ("group_anagrams(['a'])", [["a"]]), ("group_anagrams([])", []),
      ("group_anagrams(['ab', 'ba', 'abc', 'cab', 'bca', 'xyz'])", [["ab", "ba"], ["abc", "cab", "bca"], ["xyz"]]),
      ("group_anagrams(['tea', 'tea', 'eat'])", [["tea", "tea", "eat"]])],
-    check="canon(got) == canon(expected)",
-    setup="\ndef canon(groups):\n    return sorted(sorted(group) for group in groups)\n")
+    check=lambda got, expected: _canon(got) == _canon(expected))
+
+
+def _canon(groups: Any) -> list[list[Any]]:
+    return sorted(sorted(group) for group in groups)
 
 
 def _roman(reply: Reply) -> Grade:
@@ -264,6 +268,8 @@ INSERT INTO employees VALUES
   (6, 'Fay', 3, 41000), (7, 'Gus', 3, 43000), (8, 'Hal', 3, 45500), (9, 'Ivy', 4, 120000),
   (10, 'Jo', NULL, 50000), (11, 'Kit', NULL, 52000);
 '''
+SQL_COLUMNS = ["department", "employees", "avg_salary"]
+SQL_EXPECTED = [("Engineering", 3, 96000.0), ("Sales", 2, 66250.0), ("Support", 3, 43166.67)]
 _SQL_MAIN = r'''
 import sqlite3
 import time
@@ -282,14 +288,7 @@ def _main():
         if time.monotonic() > deadline:
             return {"error": "the query took longer than 2 s"}
         return {"error": f"the query failed: {type(e).__name__}: {e}"}
-    columns = [d[0].lower() for d in cursor.description or ()]
-    if columns != COLUMNS:
-        return {"error": f"columns are {columns}, expected {COLUMNS}"}
-    good = len(rows) == len(EXPECTED) and all(
-        len(r) == len(e) and all(abs(a - b) < 1e-6 if isinstance(b, float) and isinstance(a, (int, float))
-                                 else a == b for a, b in zip(r, e)) for r, e in zip(rows, EXPECTED))
-    return {"passed": int(good), "total": 1,
-            "failure": None if good else f"rows {_short(rows)}, expected {_short(EXPECTED)}"}
+    return {"columns": [d[0].lower() for d in cursor.description or ()], "rows": _encode(rows)}
 
 
 _verdict(_main())
@@ -300,10 +299,22 @@ def _sql(reply: Reply) -> Grade:
     query = _code(reply, ("sql", "sqlite", "sqlite3"))
     if query is None:
         return fail(NO_FENCE)
-    harness = (PRELUDE + f"SCHEMA = {SCHEMA!r}\nROWS = {_ROWS!r}\nCOLUMNS = ['department', 'employees', 'avg_salary']"
-               f"\nEXPECTED = {[('Engineering', 3, 96000.0), ('Sales', 2, 66250.0), ('Support', 3, 43166.67)]!r}\n"
-               + _SQL_MAIN)
-    return verdict(sandbox("python", {"query.sql": query, "check.py": harness}, ["check.py"]))
+    harness = PRELUDE + f"SCHEMA = {SCHEMA!r}\nROWS = {_ROWS!r}\n" + _SQL_MAIN
+    data = reported(sandbox("python", {"query.sql": query, "check.py": harness}, ["check.py"]))
+    if isinstance(data, Grade):
+        return data
+    if data.get("columns") != SQL_COLUMNS:
+        return fail(f"columns are {data.get('columns')}, expected {SQL_COLUMNS}")
+    try:
+        rows = [tuple(row) for row in decode(data["rows"])]
+    except (KeyError, TypeError, ValueError) as exc:
+        return fail(f"the harness reported no rows ({exc})")
+    good = len(rows) == len(SQL_EXPECTED) and all(
+        len(r) == len(e) and all(abs(a - b) < 1e-6 if isinstance(b, float) and isinstance(a, (int, float))
+                                 else a == b for a, b in zip(r, e, strict=True)) for r, e in zip(rows, SQL_EXPECTED,
+                                                                                               strict=True))
+    return Grade(good, "1/1 cases" if good else f"0/1 cases; first failure: rows {short(rows)}, expected "
+                 f"{short(SQL_EXPECTED)}")
 
 
 register(Test("sql_query", "programming", [{"role": "user", "content": (
