@@ -55,12 +55,14 @@ def build(ctx: Context) -> None:
     wall = time.monotonic() - started
     keep_artifacts(results, ctx.out, stage.name)
     categories = {c: {"passed": sum(r["passed"] for r in results if r["category"] == c),
-                      "total": sum(1 for r in results if r["category"] == c)}
+                      "total": sum(1 for r in results if r["category"] == c),
+                      "api": sum(r["passes_api"] for r in results if r["category"] == c),
+                      "text": sum(r["passes_text"] for r in results if r["category"] == c)}
                   for c in CATEGORIES if any(r["category"] == c for r in results)}
     tokens = sum(r["completion_tokens"] for r in results)
     seconds = sum(r["generation_s"] for r in results)
-    report = {"schema": 1, "gguf": gguf.name, "variant": params["variant"], "name": stage.name,
-              "digest": made.get("digest"), "size": made.get("size"),
+    report = {"schema": 2, "gguf": gguf.name, "variant": params["variant"], "name": stage.name,
+              "digest": made.get("digest"), "size": made.get("size"), "tool_calls": params["tool_calls"],
               "browser": browser_version() if any(r["category"] == "frontend" for r in results) else None,
               "passed": sum(r["passed"] for r in results), "total": len(results), "categories": categories,
               "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0, "completion_tokens": tokens,
@@ -69,6 +71,13 @@ def build(ctx: Context) -> None:
     (ctx.out / f"{stage.name}.eval.json").write_text(json.dumps(report, indent=1) + "\n")
     ctx.record["eval"] = {k: report[k] for k in ("passed", "total", "categories", "tokens_per_s", "wall_s")}
     logger.info("eval %s: %d/%d passed in %.0f s", stage.name, report["passed"], report["total"], wall)
+
+
+def graded_both(test: Test, reply: Reply) -> dict[str, Any]:
+    """The test's grade when calls written in the reply's text count ("text") and when only the API's tool_calls do
+    ("api"). A reply whose calls all came from the API is graded once: both are that grade."""
+    text = test.grade(reply)
+    return {"text": text, "api": test.grade(reply.api_only()) if reply.wrote_calls() else text}
 
 
 def run_suite(url: str, params: dict[str, Any], tests: list[Test]) -> list[dict[str, Any]]:
@@ -131,19 +140,28 @@ class _Runner:
             started = time.monotonic()
             try:
                 reply = conduct(test, self.ask, self.options)
-                grade = test.grade(reply)
+                graded = graded_both(test, reply)
+                grade = graded[self.params["tool_calls"]]
                 passed, reason = grade.passed, grade.reason
                 artifacts = artifacts or dict(grade.artifacts)
                 timings = [t for turn in reply.turns or (reply,) for t in turn.timings]
+                api, text = graded["api"].passed, graded["text"].passed
+                source = ("text" if reply.wrote_calls() else
+                          "tool_calls" if any(c.source == "tool_calls" for c in reply.all_calls()) else None)
             except Exception as exc:  # noqa: BLE001 - a server error or a grader crash is one failed test
                 passed, reason, timings = False, f"{type(exc).__name__}: {exc}"[:500], []
+                api = text = False
+                source = None
             outcomes.append({"passed": passed, "reason": reason, "latency_s": round(time.monotonic() - started, 3),
                              "completion_tokens": sum(t.completion_tokens for t in timings),
-                             "generation_s": sum(t.seconds for t in timings)})
+                             "generation_s": sum(t.seconds for t in timings), "api": api, "text": text,
+                             "source": source})
         first = outcomes[0]
         return {"id": test.id, "category": test.category, "passed": all(o["passed"] for o in outcomes),
                 "reason": first["reason"] if all(o["passed"] for o in outcomes) else
                 next(o["reason"] for o in outcomes if not o["passed"]),
+                "passes_api": all(o["api"] for o in outcomes), "passes_text": all(o["text"] for o in outcomes),
+                "tool_call_source": next((o["source"] for o in outcomes if o["source"]), None),
                 "passes": sum(o["passed"] for o in outcomes), "repetitions": len(outcomes),
                 "latency_s": round(sum(o["latency_s"] for o in outcomes) / len(outcomes), 3),
                 "completion_tokens": sum(o["completion_tokens"] for o in outcomes),

@@ -48,6 +48,7 @@ def build(ctx: Context) -> None:
                    **{k: report[k] for k in ("digest", "size") if report.get(k) is not None}}
             rows.append(row)
         row["eval"] = {k: report[k] for k in ("passed", "total", "categories", "tokens_per_s", "wall_s")}
+        row["eval"]["tool_calls"] = report.get("tool_calls", "text")
         row["eval"]["browser"] = report.get("browser")
         row["eval"]["tests"] = [{k: t[k] for k in ("id", "category", "passed", "reason", "latency_s")}
                                 for t in report["tests"]]
@@ -103,6 +104,7 @@ def markdown(board: dict[str, Any]) -> str:
                 a, b = counts[delta[0]], counts[delta[1]]
                 cells.append(f"{b[0] - a[0]:+d}" if a is not None and b is not None else "–")
             lines.append(f"| {_type_label(qtype)} {category} | " + " | ".join(cells) + " |")
+            lines += _other_count(qtype, category, reports, names, delta)
         for key, text in (("tokens_per_s", "tokens/s"), ("wall_s", "eval wall time (s)")):
             cells = [f"{r[key]:.1f}" if (r := reports[v]) else "–" for v in names]
             if delta:
@@ -111,6 +113,32 @@ def markdown(board: dict[str, Any]) -> str:
             lines.append(f"| {_type_label(qtype)} {text} | " + " | ".join(cells) + " |")
     chart = f"\n![score and KLD against file size]({C.SCOREBOARD_PNG})\n" if board.get("chart") else ""
     return f"# {board['recipe']}: scoreboard\n\n" + "\n".join(lines) + "\n" + chart
+
+
+def _other_count(qtype: str, category: str, reports: dict[str, Any], names: list[str],
+                 delta: tuple[str, str] | None) -> list[str]:
+    """The row of a category counted the other way, where it differs for some variant: with only the API's
+    tool_calls when the eval counted calls written in the text too, and the other way round (a GGUF whose chat
+    template or tool parser is broken passes by its text calls only)."""
+    if category == "TOTAL":
+        return []
+    other: dict[str, tuple[int, int] | None] = {}
+    label = ""
+    for v, r in reports.items():
+        c = (r or {}).get("categories", {}).get(category)
+        if not r or not c or "api" not in c:
+            other[v] = None
+            continue
+        counted = r.get("tool_calls", "text")
+        label = "API tool_calls only" if counted == "text" else "text calls counted too"
+        other[v] = (c["api"] if counted == "text" else c["text"], c["total"])
+    if all(o is None or o[0] == reports[v]["categories"][category]["passed"] for v, o in other.items()):
+        return []
+    cells = [f"{o[0]}/{o[1]}" if (o := other[v]) is not None else "–" for v in names]
+    if delta:
+        a, b = other[delta[0]], other[delta[1]]
+        cells.append(f"{b[0] - a[0]:+d}" if a is not None and b is not None else "–")
+    return [f"| {_type_label(qtype)} {category} ({label}) | " + " | ".join(cells) + " |"]
 
 
 def chart(board: dict[str, Any], dest: Path) -> bool:

@@ -596,3 +596,32 @@ def test_artifacts_of_a_test_are_kept_beside_the_report(tmp_path: Path) -> None:
                                    "demo-Q4_K_M.pages/snake_game.screenshot.png"]
     assert "files" not in results[1] and "artifacts" not in results[0]
     assert (tmp_path / "demo-Q4_K_M.pages" / "snake_game.screenshot.png").read_bytes() == b"\x89PNG"
+
+
+# ---- which calls count: the API's tool_calls, or calls written in the text too ----
+
+def test_a_call_written_in_the_text_counts_only_when_the_recipe_says_so() -> None:
+    from steps.eval import graded_both
+    written = text_call("get_weather", {"city": "Lisbon"})
+    both = graded_both(TESTS["single_call"], written)
+    assert both["text"].passed and "via text" in both["text"].reason
+    assert not both["api"].passed and "no tool call" in both["api"].reason.lower(), both["api"].reason
+    assert written.wrote_calls() and not written.api_only().calls() and written.calls()
+    api = graded_both(TESTS["single_call"], api_call("get_weather", {"city": "Lisbon"}))
+    assert api["api"].passed and api["text"].passed and api["api"] is api["text"]    # graded once
+
+
+def test_a_script_followed_through_text_calls_fails_when_only_the_api_counts() -> None:
+    from steps.eval import graded_both
+    reply = _fix_script(text_call("read_file", {"path": "./stats.py"}),
+                        text_call("write_file", {"path": "stats.py", "content": STATS_FIXED}))
+    both = graded_both(TESTS["read_diagnose_fix"], reply)
+    assert both["text"].passed and not both["api"].passed, (both["text"].reason, both["api"].reason)
+    assert "never read stats.py" in both["api"].reason
+
+
+def test_no_call_needed_is_not_passed_by_ignoring_a_written_call() -> None:
+    """A reply that writes a call for plain arithmetic, and no answer, fails either way."""
+    from steps.eval import graded_both
+    both = graded_both(TESTS["no_call_needed"], text_call("get_weather", {"city": "Lisbon"}))
+    assert not both["text"].passed and not both["api"].passed, (both["text"].reason, both["api"].reason)

@@ -107,3 +107,13 @@ def test_doit_refuses_a_bad_recipe_before_any_work(workspace: Workspace, tiny_ll
     assert "Traceback" not in result.output
     assert not workspace.build.exists() or not any((workspace.build).rglob("*.gguf"))
     assert not workspace.store.exists()
+
+
+def test_which_tool_calls_count_is_a_recipe_choice(tmp_path: Path, tiny_llama: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text(recipe(tiny_llama, eval="eval: {ggufs: [Q4_K_M]}\n"))
+    assert load(path).eval["tool_calls"] == "api"              # default: only the API's tool_calls count
+    path.write_text(recipe(tiny_llama, eval="eval: {ggufs: [Q4_K_M], tool_calls: text}\n"))
+    assert load(path).eval["tool_calls"] == "text"
+    err = error_for(tmp_path, recipe(tiny_llama, eval="eval: {ggufs: [Q4_K_M], tool_calls: txt}\n"))
+    assert err.key == "eval.tool_calls" and "did you mean 'text'" in err.message and "one of api, text" in err.message

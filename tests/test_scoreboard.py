@@ -33,3 +33,18 @@ def test_the_chart_plots_score_and_kld_against_size(tmp_path: Path) -> None:
     assert (tmp_path / "s.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     empty = {"recipe": "m", "variants": ["m"], "models": [{"variant": "m", "type": "base", "size": 1e9, "ppl": 8.0}]}
     assert not scoreboard.chart(empty, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
+def test_a_category_counted_the_other_way_gets_its_own_row_where_it_differs() -> None:
+    """The eval counted only the API's tool_calls; the raw merge's tool calls came as text (a broken chat
+    template): the table shows what the text calls would have scored beside the counted figure."""
+    b = board()
+    for row, api, text in zip(b["models"], (6, 2, 5), (6, 6, 6), strict=True):
+        row["eval"]["tool_calls"] = "api"
+        row["eval"]["categories"]["tools"] = {"passed": api, "total": 6, "api": api, "text": text}
+    table = scoreboard.markdown(b)
+    assert "| Q4_K_M tools | 6/6 | 2/6 | 5/6 | +3 |" in table
+    assert "| Q4_K_M tools (text calls counted too) | 6/6 | 6/6 | 6/6 | +0 |" in table
+    for row in b["models"]:
+        row["eval"]["categories"]["tools"]["text"] = row["eval"]["categories"]["tools"]["api"]
+    assert "text calls counted too" not in scoreboard.markdown(b)

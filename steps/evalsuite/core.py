@@ -69,6 +69,7 @@ class Reply:
     chunks: int = 0
     runs: tuple[Reply, ...] = ()
     turns: tuple[Reply, ...] = ()
+    text_calls: bool = True      # calls written in the text count (False: only the API's tool_calls do)
 
     @classmethod
     def from_completion(cls, completion: Any, timing: Timing | None = None) -> Reply:
@@ -108,11 +109,25 @@ class Reply:
         return strip_thinking(self.content)
 
     def calls(self) -> list[ToolCall]:
-        """The API's tool calls, or else the calls written in the text (``<tool_call>`` JSON or XML, a bare JSON
-        call, ``[TOOL_CALLS]``)."""
+        """The API's tool calls, or else (unless ``text_calls`` is off) the calls written in the text
+        (``<tool_call>`` JSON or XML, a bare JSON call, ``[TOOL_CALLS]``)."""
         if self.tool_calls:
             return list(self.tool_calls)
+        if not self.text_calls:
+            return []
         return [ToolCall(name, arguments, source="text") for name, arguments in text_tool_calls(self.text)]
+
+    def api_only(self) -> Reply:
+        """This reply (its runs and turns too) as graded when only the API's tool_calls count: a call the model
+        wrote in its text, which a working chat template and tool parser would have returned as a tool call, is
+        no call."""
+        return replace(self, text_calls=False, runs=tuple(r.api_only() for r in self.runs),
+                       turns=tuple(t.api_only() for t in self.turns))
+
+    def wrote_calls(self) -> bool:
+        """Whether any turn's calls were read from its text (the API gave none)."""
+        return any(c.source == "text" for turn in self.turns or (self,) for r in turn.runs or (turn,)
+                   for c in r.calls())
 
     def all_calls(self) -> list[ToolCall]:
         """The calls of every turn of a script (of this reply alone otherwise)."""

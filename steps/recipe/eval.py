@@ -21,6 +21,8 @@ EVAL = {
     "timeout_s":     Field("int", 300, lo=1),
     "needle_tokens": Field("int", 1500, lo=1),
     "thinking":      Field("choice", "on", choices=("on", "off"), yaml_bools=("off", "on")),
+    "tool_calls":    Field("choice", "api", choices=("api", "text"), noun="tool-call source",
+                           hint="(api: only the API's tool_calls count; text: calls written in the reply count too)"),
     "server":        Field("any", {}),
 }
 SERVER = {                                          # llama-server's options; their defaults: steps.server
