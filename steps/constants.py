@@ -44,7 +44,7 @@ STAGES = {
     "bench": StageSpec("steps.bench", 3, (), "size, perplexity and KL-divergence of each quant against the "
                        "unquantized GGUF, per variant", llama_cpp=True),
     "eval": StageSpec("steps.eval", 3, ("openai", "jsonschema", "html5lib", "tinycss2", "tree-sitter",
-                                        "tree-sitter-javascript", "playwright"),
+                                        "tree-sitter-javascript", "playwright", "pytest"),
                       "the capability suite against llama-server, one subtask per evaluated GGUF", llama_cpp=True),
     "scoreboard": StageSpec("steps.scoreboard", 4, ("matplotlib",),
                             "every variant's figures side by side (scoreboard.json, scoreboard.md)"),

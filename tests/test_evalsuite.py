@@ -625,3 +625,55 @@ def test_no_call_needed_is_not_passed_by_ignoring_a_written_call() -> None:
     from steps.eval import graded_both
     both = graded_both(TESTS["no_call_needed"], text_call("get_weather", {"city": "Lisbon"}))
     assert not both["text"].passed and not both["api"].passed, (both["text"].reason, both["api"].reason)
+
+
+# ---- replies a strong model really writes, that the graders must pass (and their wrong twins, that must fail) ----
+
+MOVING_FIXED = ("def moving_average(values, window):\n    result = []\n    for i in range(len(values) - window + 1):\n"
+                "        result.append(sum(values[i:i + window]) / window)\n    return result\n")
+STATS_STILL_BUGGY = ('def average_rating(ratings):\n    return round(sum(ratings) / len(ratings), 1)\n\n\n'
+                     'def rating_histogram(ratings):\n    return {star: ratings.count(star) for star in range(1, 6)}\n')
+REALISTIC: list[tuple[str, Reply, bool, str]] = [
+    ("math_word_problem", say("Monday: 48 x 3 + 96 x 2 = 336.\nTuesday: 33 x 3 + 96 x 2 = 291.\n\n"
+                              "Answer: 627 dollars over 2 days"), True, "answered 627"),
+    ("math_word_problem", say("**Answer:** $627 in total (336 on Monday, 291 on Tuesday)"), True, "answered 627"),
+    ("math_word_problem", say("Answer: 672 dollars over 2 days"), False, "answered 672"),
+    ("rate_problem", say("One pump: 10 l/min; five: 50 l/min.\n\nAnswer: 60 minutes (for 3000 litres)"), True,
+     "answered 60"),
+    ("quicksort", fenced(QUICKSORT + "\n\nif __name__ == \"__main__\":\n    import random\n"
+                         "    data = [random.randint(-9, 9) for _ in range(50)]\n"
+                         "    assert quicksort(data) == sorted(data)\n    print(\"ok\")\n",
+                         before="Here is an implementation with a quick self-test:\n\n"), True, "8/8 cases"),
+    ("quicksort", fenced(QUICKSORT + "\n\ndef test_quicksort():\n"
+                         "    assert quicksort([3, 1, 2]) == sorted([3, 1, 2])\n"), True, "8/8 cases"),
+    ("quicksort", fenced("def quicksort(items):\n    return sorted(items)\n\n\nassert quicksort([2, 1]) == [1, 2]\n"),
+     False, "calls sorted()"),
+    ("find_the_bug", say("The off-by-one is in the loop bound:\n\n```python\nfor i in range(len(values) - window):\n"
+                         "```\n\nIt stops one window early. The fixed function:\n\n```python\n" + MOVING_FIXED
+                         + "```\n\nNow `moving_average([1, 2, 3], 3)` returns `[2.0]`."), True, "5/5 cases"),
+    ("find_the_bug", say("```python\n# usage\nprint(moving_average([1, 2, 3, 4], 2))\n```\n\n```python\n"
+                         + MOVING_FIXED.replace(" + 1", "") + "```"), False, "cases"),
+    ("read_diagnose_fix", _fix_script(api_call("read_file", {"path": "stats.py"}),
+                                      api_call("write_file", {"path": "stats.py", "content": STATS_STILL_BUGGY}),
+                                      api_call("write_file", {"path": "stats.py", "content": STATS_FIXED})),
+     True, "5/5 cases"),
+    ("read_diagnose_fix", _fix_script(api_call("read_file", {"path": "stats.py"}),
+                                      api_call("write_file", {"path": "stats.py", "content": STATS_FIXED}),
+                                      api_call("write_file", {"path": "stats.py", "content": STATS_STILL_BUGGY})),
+     False, "average_rating([]) raised ZeroDivisionError"),
+]
+
+
+@pytest.mark.parametrize("test_id, reply, passes, fragment", REALISTIC,
+                         ids=[f"{c[0]}-{'pass' if c[2] else 'fail'}-{i}" for i, c in enumerate(REALISTIC)])
+def test_realistic_replies(test_id: str, reply: Reply, passes: bool, fragment: str) -> None:
+    grade = TESTS[test_id].grade(reply)
+    assert (grade.passed, fragment in grade.reason) == (passes, True), grade.reason
+
+
+def test_pytest_is_installed_with_the_project_not_only_its_tests() -> None:
+    """pytest_generation runs the model's tests with the project's interpreter: pytest must come with a plain
+    install (not only the test extra), or the test fails whatever the reply."""
+    from importlib.metadata import requires
+    plain = [r for r in requires("mergeforge") or [] if "extra ==" not in r]
+    assert any(r.replace(" ", "").startswith("pytest>=") for r in plain), plain

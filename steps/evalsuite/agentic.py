@@ -46,7 +46,9 @@ def _fix_chain(reply: Reply) -> Grade:
     calls = reply.all_calls()
     names = [(c.name, _path(c.arguments)) for c in calls]
     read = next((i for i, (name, path) in enumerate(names) if name == "read_file" and path == "stats.py"), None)
-    write = next((i for i, (name, path) in enumerate(names) if name == "write_file" and path == "stats.py"), None)
+    # the file's final state is graded: the last write (a model that corrects its first write passes)
+    write = next((i for i, (name, path) in reversed(list(enumerate(names)))
+                  if name == "write_file" and path == "stats.py"), None)
     if read is None:
         return fail(f"never read stats.py (calls: {names})")
     if write is None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from steps.evalsuite.core import Grade, Reply, Test, fail, ok, register
 from steps.evalsuite.harness import PRELUDE, PY, decode, reported, run_javascript, run_python, sandbox, short
-from steps.evalsuite.text import clip, code_block
+from steps.evalsuite.text import clip, code_block, code_blocks
 
 FENCE = "\n\nReply with the complete code in one fenced ```{} code block."
 NO_FENCE = "no fenced code block"
@@ -20,11 +20,27 @@ def _code(reply: Reply, languages: tuple[str, ...] = PY) -> str | None:
     return code_block(reply.text, languages)
 
 
+def defining(reply: Reply, names: Sequence[str]) -> str | None:
+    """The first fenced Python block that defines every one of ``names`` at its top level (a reply may quote the
+    buggy line or show a usage example in a block of its own first), else the first Python block."""
+    for lang, code in code_blocks(reply.text):
+        if lang not in (*PY, ""):
+            continue
+        try:
+            tree = ast.parse(code)
+        except SyntaxError:
+            continue
+        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+        if set(names) <= defined:
+            return code
+    return _code(reply)
+
+
 def python_task(id: str, prompt: str, entries: Sequence[str], cases: Sequence[tuple[str, Any]], *,
                 static: Static | None = None, max_tokens: int = 1024, **harness: Any) -> Test:
-    """A Python task: the first python block defines ``entries`` and must pass every hidden case."""
+    """A Python task: the python block that defines ``entries`` must pass every hidden case."""
     def grade(reply: Reply) -> Grade:
-        code = _code(reply)
+        code = defining(reply, entries)
         if code is None:
             return fail(NO_FENCE)
         if static is not None:
@@ -45,9 +61,16 @@ def _calls(tree: ast.AST, name: str) -> bool:
                                             == name) for n in ast.walk(tree))
 
 
+def _definitions(tree: ast.Module) -> list[ast.AST]:
+    """The solution's own definitions: its top-level functions and classes, not the self-tests a careful answer
+    adds (``test_*`` functions, module-level asserts, an ``if __name__ == "__main__":`` block)."""
+    return [node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and not node.name.startswith(("test", "_test"))]
+
+
 def _no_builtin_sort(tree: ast.Module) -> str | None:
-    return "calls sorted() or .sort() instead of implementing quicksort" if _calls(tree, "sorted") or _calls(
-        tree, "sort") else None
+    used = any(_calls(node, "sorted") or _calls(node, "sort") for node in _definitions(tree))
+    return "calls sorted() or .sort() instead of implementing quicksort" if used else None
 
 
 _SCRAMBLED = [(31 * i * i + 7 * i) % 997 - 498 for i in range(300)]  # arithmetic: the same on every Python

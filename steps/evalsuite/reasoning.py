@@ -4,18 +4,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from steps.evalsuite.core import Grade, Reply, Test, fail, ok, register
-from steps.evalsuite.text import answer, clip, has_word, number
+from steps.evalsuite.text import answer, clip, first_number, has_word
 
 _FORMAT = "\n\nThink step by step, then end with a last line of the form `Answer: <{}>`."
 
 
 def _numeric(expected: float) -> Callable[[Reply], Grade]:
-    """The number on the last ``Answer:`` line must be ``expected``."""
+    """The number the last ``Answer:`` line gives (its first: the prompt asks for ``Answer: <number>``) must be
+    ``expected``."""
     def grade(reply: Reply) -> Grade:
         line = answer(reply.text)
         if line is None:
             return fail(f"no 'Answer:' line in {clip(reply.text[-200:])!r}")
-        got = number(line)
+        got = first_number(line)
         if got is None:
             return fail(f"no number on the answer line: {line!r}")
         if abs(got - expected) > 1e-6:

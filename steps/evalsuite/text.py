@@ -130,5 +130,12 @@ def number(text: str) -> float | None:
     return float(found[-1].replace(",", "")) if found else None
 
 
+def first_number(text: str) -> float | None:
+    """The first number in the text (thousands separators allowed): the value an answer line of the form
+    ``Answer: <number>`` gives, before any words after it ("627 dollars over 2 days")."""
+    found = re.search(r"-?\d[\d,]*(?:\.\d+)?", text)
+    return float(found.group(0).replace(",", "").rstrip(",")) if found else None
+
+
 def has_word(text: str, word: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.I) is not None
