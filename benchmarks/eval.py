@@ -61,9 +61,11 @@ def run_eval(ws: Path, env: dict[str, str], name: str) -> dict[str, object]:
 def model_run(args: argparse.Namespace) -> None:
     """The suite on a GGUF given by path (GPU offload when the toolchain has CUDA)."""
     from steps import server
-    from steps.eval import DEFAULTS, run_suite
+    from steps.eval import run_suite
     from steps.evalsuite import all_tests
-    params = {**DEFAULTS, "max_tokens": args.max_tokens or 512, "server": {"parallel": args.parallel,
+    from steps.recipe.eval import EVAL
+    from steps.recipe.fields import defaults
+    params = {**defaults(EVAL), "max_tokens": args.max_tokens or 512, "server": {"parallel": args.parallel,
                                                                           "context": 8192}}
     with tempfile.TemporaryDirectory() as tmp:
         started = time.monotonic()
