@@ -195,4 +195,4 @@ class Checker:
 
 def defaults(fields: dict[str, Field]) -> dict[str, Any]:
     """A block's defaults (what an empty block normalizes to)."""
-    return {name: spec.default for name, spec in fields.items() if spec.default is not REQUIRED}
+    return {name: copy.deepcopy(spec.default) for name, spec in fields.items() if spec.default is not REQUIRED}
