@@ -123,4 +123,5 @@ def gc_keep() -> int:
 
 if __name__ == "__main__":
     for s in SETTINGS:
-        print(f"{s.name}={os.environ.get(s.name, '')!s:<24} default {s.default}: {s.meaning}")
+        value = os.environ.get(s.name)
+        print(f"{s.name:<24} {'= ' + value if value else '(default: ' + s.default + ')'}\n    {s.meaning}")
