@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from steps.stage import Context, Stage
 
 logger = logging.getLogger(__name__)
+CODE_CATEGORIES = ("programming", "agentic", "frontend")     # the categories whose tests run generated code
 
 def build(ctx: Context) -> None:
     from steps import server
@@ -63,6 +64,7 @@ def build(ctx: Context) -> None:
     seconds = sum(r["generation_s"] for r in results)
     report = {"schema": 2, "gguf": gguf.name, "variant": params["variant"], "name": stage.name,
               "digest": made.get("digest"), "size": made.get("size"), "tool_calls": params["tool_calls"],
+              "sandbox": _sandbox_mode(results),
               "browser": browser_version() if any(r["category"] == "frontend" for r in results) else None,
               "passed": sum(r["passed"] for r in results), "total": len(results), "categories": categories,
               "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0, "completion_tokens": tokens,
@@ -71,6 +73,15 @@ def build(ctx: Context) -> None:
     (ctx.out / f"{stage.name}.eval.json").write_text(json.dumps(report, indent=1) + "\n")
     ctx.record["eval"] = {k: report[k] for k in ("passed", "total", "categories", "tokens_per_s", "wall_s")}
     logger.info("eval %s: %d/%d passed in %.0f s", stage.name, report["passed"], report["total"], wall)
+
+
+def _sandbox_mode(results: list[dict[str, Any]]) -> str | None:
+    """How the generated code of this eval was confined (bwrap, or the rlimits fallback without filesystem and
+    network isolation), when it ran any: the results say how they were obtained."""
+    if not any(r["category"] in CODE_CATEGORIES for r in results):
+        return None
+    from steps.sandbox import sandbox_mode
+    return sandbox_mode()
 
 
 def graded_both(test: Test, reply: Reply) -> dict[str, Any]:
@@ -146,22 +157,24 @@ class _Runner:
                 artifacts = artifacts or dict(grade.artifacts)
                 timings = [t for turn in reply.turns or (reply,) for t in turn.timings]
                 api, text = graded["api"].passed, graded["text"].passed
+                finish = (reply.turns[-1] if reply.turns else reply).finish_reason
                 source = ("text" if reply.wrote_calls() else
                           "tool_calls" if any(c.source == "tool_calls" for c in reply.all_calls()) else None)
             except Exception as exc:  # noqa: BLE001 - a server error or a grader crash is one failed test
                 passed, reason, timings = False, f"{type(exc).__name__}: {exc}"[:500], []
                 api = text = False
-                source = None
+                source = finish = None
             outcomes.append({"passed": passed, "reason": reason, "latency_s": round(time.monotonic() - started, 3),
                              "completion_tokens": sum(t.completion_tokens for t in timings),
                              "generation_s": sum(t.seconds for t in timings), "api": api, "text": text,
-                             "source": source})
+                             "source": source, "finish_reason": finish})
         first = outcomes[0]
         return {"id": test.id, "category": test.category, "passed": all(o["passed"] for o in outcomes),
                 "reason": first["reason"] if all(o["passed"] for o in outcomes) else
                 next(o["reason"] for o in outcomes if not o["passed"]),
                 "passes_api": all(o["api"] for o in outcomes), "passes_text": all(o["text"] for o in outcomes),
                 "tool_call_source": next((o["source"] for o in outcomes if o["source"]), None),
+                "finish_reason": first["finish_reason"],
                 "passes": sum(o["passed"] for o in outcomes), "repetitions": len(outcomes),
                 "latency_s": round(sum(o["latency_s"] for o in outcomes) / len(outcomes), 3),
                 "completion_tokens": sum(o["completion_tokens"] for o in outcomes),

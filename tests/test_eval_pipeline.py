@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,6 +57,13 @@ def test_every_test_is_graded_into_the_scoreboard(evaluated: Workspace) -> None:
     report = json.loads((out / "tiny-Q8_0.eval.json").read_text())
     assert report["total"] == len(all_tests()) == 44
     assert all(isinstance(t["passed"], bool) and t["reason"] for t in report["tests"])
+    # how each score was obtained: which calls counted, how the generated code was confined, how each reply ended
+    assert report["schema"] == 2 and report["tool_calls"] == "api" and report["sandbox"] in ("bwrap", "rlimits")
+    errors = [t for t in report["tests"] if re.match(r"[A-Z]\w*(Error|Exception): ", t["reason"])]   # e.g. a 400
+    assert all(t["finish_reason"] in ("stop", "length", "tool_calls") for t in report["tests"] if t not in errors)
+    assert all(t["finish_reason"] is None for t in errors), errors
+    assert all({"passes_api", "passes_text", "tool_call_source"} <= set(t) for t in report["tests"])
+    assert all({"api", "text"} <= set(c) for c in report["categories"].values())
     assert set(report["categories"]) == set(DEFAULT_CATEGORIES)
     assert "llama-server" in (out / "tiny-Q8_0.server.log").read_text() or (out / "tiny-Q8_0.server.log").stat().st_size
     board = json.loads((out / "scoreboard.json").read_text())
