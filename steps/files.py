@@ -2,12 +2,15 @@
 words, removing a read-only tree."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
 import tempfile
 from pathlib import Path
 from typing import Any
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)       # a full disk, or a full quota
 
 
 def read_json(path: Path) -> dict[str, Any]:

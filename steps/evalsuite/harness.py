@@ -218,7 +218,7 @@ def compared(result: Any, cases: Sequence[tuple[str, Any, Callable[[dict[str, An
              check: Callable[[Any, Any], bool]) -> Grade:
     """The Grade from a harness run: each case's returned value (read by its reader) compared with its expected
     value here, in the grader; or why the run gave no values."""
-    data = _last_line(result)
+    data = reported(result)
     if isinstance(data, Grade):
         return data
     results = data.get("results")
@@ -311,8 +311,9 @@ def same_json(got: Any, expected: Any) -> bool:
     return type(got) is type(expected) and got == expected
 
 
-def _last_line(result: Any) -> dict[str, Any] | Grade:
-    """The harness's line (the last one with the mark), or a failing Grade saying why there is none."""
+def reported(result: Any) -> dict[str, Any] | Grade:
+    """What a harness reported on its line (the last one with the mark), or a failing Grade saying why there is
+    none."""
     if result.timed_out:
         return fail("timed out")
     if result.killed:
@@ -330,9 +331,3 @@ def _last_line(result: Any) -> dict[str, Any] | Grade:
     if "error" in data:
         return fail(str(data["error"]))
     return data
-
-
-def reported(result: Any) -> dict[str, Any] | Grade:
-    """What a harness of its own (e.g. the SQL test's) reported on its line, or a failing Grade saying why there is
-    none."""
-    return _last_line(result)

@@ -2,7 +2,6 @@
 doit's state file written atomically, and temporary directories of killed builds removed."""
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
@@ -16,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from steps.errors import MergeforgeError
-from steps.files import force_remove, process_alive, tree_bytes
+from steps.files import FULL_ERRNOS, force_remove, process_alive, tree_bytes
 from steps.settings import store_root
 
 logger = logging.getLogger(__name__)
 
-_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL = FULL_ERRNOS
 
 
 class BuildDirBusy(MergeforgeError):

@@ -2,7 +2,6 @@
 fills anyway."""
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
@@ -10,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from steps.errors import MergeforgeError
-from steps.files import human
+from steps.files import FULL_ERRNOS, human
 from steps.settings import store_root
 from steps.stage import Stage, declaration
 
-_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL = FULL_ERRNOS
 SMALL_OUTPUT = 1 << 20                    # space asked for a stage that writes little (imatrix, bench, fetch)
 
 
