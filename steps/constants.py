@@ -43,10 +43,10 @@ STAGES = {
                           llama_cpp=True),
     "bench": StageSpec("steps.bench", 3, (), "size, perplexity and KL-divergence of each quant against the "
                        "unquantized GGUF, per variant", llama_cpp=True),
-    "eval": StageSpec("steps.eval", 3, ("openai", "jsonschema", "html5lib", "tinycss2", "tree-sitter",
+    "eval": StageSpec("steps.eval", 4, ("openai", "jsonschema", "html5lib", "tinycss2", "tree-sitter",
                                         "tree-sitter-javascript", "playwright", "pytest"),
                       "the capability suite against llama-server, one subtask per evaluated GGUF", llama_cpp=True),
-    "scoreboard": StageSpec("steps.scoreboard", 4, ("matplotlib",),
+    "scoreboard": StageSpec("steps.scoreboard", 5, ("matplotlib",),
                             "every variant's figures side by side (scoreboard.json, scoreboard.md)"),
 }
 
@@ -61,6 +61,7 @@ BENCH_FILE      = "{name}.bench.json"            # one per GGUF (flat: a directo
 BENCH_LOGPROBS  = "{variant}.logprobs"            # the unquantized GGUF's log-probabilities, the KLD reference
 EVAL_FILE       = "{name}.eval.json"             # one per evaluated GGUF, beside the server's log
 EVAL_LOG        = "{name}.server.log"
+EVAL_TIMINGS    = "{name}.timings.json"          # latency and tokens/s: measurements, kept out of eval.json
 EVAL_PAGES      = "{name}.pages"                 # frontend tests: each generated page and its screenshot
 SCOREBOARD      = "scoreboard.json"
 SCOREBOARD_MD   = "scoreboard.md"
@@ -78,5 +79,5 @@ GGUF_KEY_SOURCES = "mergeforge.sources"
 GGUF_KEY_VERSION = "mergeforge.version"
 
 SCHEMA_VERSION = 1
-SCOREBOARD_SCHEMA = 3
+SCOREBOARD_SCHEMA = 4
 DEFAULT_SHARD_BYTES = 5_000_000_000

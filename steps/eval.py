@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 CODE_CATEGORIES = ("programming", "agentic", "frontend")     # the categories whose tests run generated code
 
 def build(ctx: Context) -> None:
-    from steps import server
-    from steps.evalsuite import CATEGORIES, all_tests
+    from steps import sandbox, server
+    from steps.evalsuite import all_tests
     from steps.evalsuite.frontend import browser_version
     stage = ctx.stage
     params = stage.params
@@ -49,39 +49,48 @@ def build(ctx: Context) -> None:
     options = {**params["server"]}
     if options.get("chat_template"):
         options["chat_template"] = stage.files["chat_template"]
-    log = ctx.out / f"{stage.name}.server.log"
+    log = ctx.out / C.EVAL_LOG.format(name=stage.name)
     started = time.monotonic()
-    with server.serve(gguf, options, log, timeout_s=params["timeout_s"]) as url:
-        results = run_suite(url, params, tests)
+    with sandbox.choose(params["sandbox"]) as mode, server.serve(gguf, options, log,
+                                                                 timeout_s=params["timeout_s"]) as url:
+        runner = _Runner(url, params)
+        results = run_suite(runner, tests)
     wall = time.monotonic() - started
     keep_artifacts(results, ctx.out, stage.name)
-    categories = {c: {"passed": sum(r["passed"] for r in results if r["category"] == c),
-                      "total": sum(1 for r in results if r["category"] == c),
-                      "api": sum(r["passes_api"] for r in results if r["category"] == c),
-                      "text": sum(r["passes_text"] for r in results if r["category"] == c)}
-                  for c in CATEGORIES if any(r["category"] == c for r in results)}
-    tokens = sum(r["completion_tokens"] for r in results)
-    seconds = sum(r["generation_s"] for r in results)
-    report = {"schema": 2, "gguf": gguf.name, "variant": params["variant"], "name": stage.name,
+    timings = {"schema": 1, "name": stage.name, "wall_s": round(wall, 2),
+               "tests": {r["id"]: r.pop("timing") for r in results}}
+    tokens = sum(t["completion_tokens"] for t in timings["tests"].values())
+    seconds = sum(t["generation_s"] for t in timings["tests"].values())
+    timings["completion_tokens"], timings["tokens_per_s"] = tokens, round(tokens / seconds, 2) if seconds else 0.0
+    report = summarize(results, params)
+    report = {"schema": 3, "gguf": gguf.name, "variant": params["variant"], "name": stage.name,
               "digest": made.get("digest"), "size": made.get("size"), "tool_calls": params["tool_calls"],
-              "sandbox": _sandbox_mode(results),
+              "thinking": runner.thinking_used(),
+              "sandbox": mode if any(r["category"] in CODE_CATEGORIES for r in results) else None,
               "browser": browser_version() if any(r["category"] == "frontend" for r in results) else None,
-              "passed": sum(r["passed"] for r in results), "total": len(results), "categories": categories,
-              "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0, "completion_tokens": tokens,
-              "wall_s": round(wall, 2), "settings": {k: v for k, v in params.items() if k != "variant"},
-              "tests": results}
-    (ctx.out / f"{stage.name}.eval.json").write_text(json.dumps(report, indent=1) + "\n")
-    ctx.record["eval"] = {k: report[k] for k in ("passed", "total", "categories", "tokens_per_s", "wall_s")}
-    logger.info("eval %s: %d/%d passed in %.0f s", stage.name, report["passed"], report["total"], wall)
+              **report, "settings": {k: v for k, v in params.items() if k != "variant"}, "tests": results}
+    (ctx.out / C.EVAL_FILE.format(name=stage.name)).write_text(json.dumps(report, indent=1) + "\n")
+    (ctx.out / C.EVAL_TIMINGS.format(name=stage.name)).write_text(json.dumps(timings, indent=1) + "\n")
+    ctx.record["eval"] = {**{k: report[k] for k in ("passed", "total", "rate", "interval", "statuses")},
+                          "tokens_per_s": timings["tokens_per_s"], "wall_s": timings["wall_s"]}
+    logger.info("eval %s: %d/%d passed (%s) in %.0f s", stage.name, report["passed"], report["total"],
+                ", ".join(f"{n} {s}" for s, n in report["statuses"].items()), wall)
 
 
-def _sandbox_mode(results: list[dict[str, Any]]) -> str | None:
-    """How the generated code of this eval was confined (bwrap, or the rlimits fallback without filesystem and
-    network isolation), when it ran any: the results say how they were obtained."""
-    if not any(r["category"] in CODE_CATEGORIES for r in results):
-        return None
-    from steps.sandbox import sandbox_mode
-    return sandbox_mode()
+def summarize(results: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+    """The totals of an eval's results: overall and per category, tests passed of tests, draws per status, the pass
+    rate over verdicts with its interval (steps.evalsuite.scores), and the tests passed when only the API's
+    tool_calls count ("api") and when calls written in the text count too ("text")."""
+    from steps.evalsuite import CATEGORIES
+    from steps.evalsuite.scores import tally
+
+    def totals(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"passed": sum(r["status"] == "pass" for r in rs), "total": len(rs),
+                **tally(s for r in rs for s in r["draws"]),
+                "api": sum(r["passes_api"] for r in rs), "text": sum(r["passes_text"] for r in rs)}
+    categories = {c: totals([r for r in results if r["category"] == c])
+                  for c in CATEGORIES if any(r["category"] == c for r in results)}
+    return {**totals(results), "samples": params["samples"], "categories": categories}
 
 
 def graded_both(test: Test, reply: Reply) -> dict[str, Any]:
@@ -91,12 +100,10 @@ def graded_both(test: Test, reply: Reply) -> dict[str, Any]:
     return {"text": text, "api": test.grade(reply.api_only()) if reply.wrote_calls() else text}
 
 
-def run_suite(url: str, params: dict[str, Any], tests: list[Test]) -> list[dict[str, Any]]:
-    """Every test against the server at ``url``, concurrently on its ``params["server"]["parallel"]`` slots (the
-    timed ones alone afterwards); one result per test, in the order of ``tests``."""
-    from steps.evalsuite import Options
-    runner = _Runner(url, params, Options(needle_tokens=params["needle_tokens"]))
-    parallel = max(1, int(params["server"].get("parallel", 1)))
+def run_suite(runner: _Runner, tests: list[Test]) -> list[dict[str, Any]]:
+    """Every test through ``runner``, concurrently on the server's parallel slots (the timed ones alone afterwards);
+    one result per test, in the order of ``tests``."""
+    parallel = max(1, int(runner.params["server"].get("parallel", 1)))
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         results = list(pool.map(runner.run, [t for t in tests if not t.solo]))
     results += [runner.run(t) for t in tests if t.solo]
@@ -115,23 +122,61 @@ def keep_artifacts(results: list[dict[str, Any]], out: Path, name: str) -> None:
             result.setdefault("files", []).append(path.relative_to(out).as_posix())
 
 
-class _Runner:
-    """Sends a test's requests (openai client), grades its reply, and never lets one test stop the others."""
+def answer_cap(test: Test, caps: int | dict[str, int] | None) -> int:
+    """The test's answer cap: the recipe's eval.max_tokens (one number, or by test id, then category), else the
+    test's own."""
+    if isinstance(caps, int):
+        return caps
+    caps = caps or {}
+    return caps.get(test.id, caps.get(test.category, test.max_tokens))
 
-    def __init__(self, url: str, params: dict[str, Any], options: Any) -> None:
+
+REASONING_KEPT = 2000        # characters of a reply's reasoning kept in eval.json
+
+
+class _Runner:
+    """Sends a test's requests (openai client), grades its reply, and never lets one test stop the others.
+
+    Thinking (``eval.thinking``): ``off`` sends ``chat_template_kwargs: {enable_thinking: false}``; ``on`` or a
+    budget sends ``enable_thinking: true``; ``auto`` sends neither and lets the chat template decide. When the model
+    may think (on, a budget, or auto on a template that opens a think block) each request's ``max_tokens`` is the
+    test's answer cap plus the thinking budget, so thinking never eats the answer's tokens; a reply the cap cuts
+    anyway is "truncated", not failed."""
+
+    def __init__(self, url: str, params: dict[str, Any]) -> None:
         import openai
+
+        from steps.evalsuite import Options
+        self.url = url
         self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="mergeforge-local", timeout=params["timeout_s"],
                                     max_retries=0)
-        self.params, self.options = params, options
+        self.params, self.options = params, Options(needle_tokens=params["needle_tokens"])
         self.model = params["server"].get("alias") or "model"
+        self.template_thinks = _template_thinks(url) if params["thinking"] == "auto" else None
+        self.budget = self._budget()
 
-    def ask(self, request: dict[str, Any]) -> Reply:
+    def _budget(self) -> int:
+        from steps.recipe.eval import THINKING_BUDGET
+        thinking = self.params["thinking"]
+        if isinstance(thinking, int):
+            return thinking
+        if thinking == "on" or thinking == "auto" and self.template_thinks:
+            return THINKING_BUDGET
+        return 0
+
+    def thinking_used(self) -> dict[str, Any]:
+        """What eval.json says of thinking: the setting, whether the template thinks (auto), the budget given."""
+        return {"setting": self.params["thinking"], "template_thinks": self.template_thinks, "budget": self.budget}
+
+    def ask(self, request: dict[str, Any], cap: int, seed: int) -> Reply:
         from steps.evalsuite import Reply, Timing
         p = self.params
-        kwargs = {**request, "model": self.model, "temperature": p["temperature"], "seed": p["seed"],
-                  "max_tokens": min(int(request.get("max_tokens") or p["max_tokens"]), p["max_tokens"])}
-        if p["thinking"] == "off":
-            kwargs["extra_body"] = {"chat_template_kwargs": {"enable_thinking": False}}
+        kwargs = {**request, "model": self.model, "temperature": p["temperature"], "seed": seed,
+                  "max_tokens": cap + self.budget}
+        extra: dict[str, Any] = {"cache_prompt": False}      # no reuse of another request's KV: see docs/evals.md
+        if p["thinking"] != "auto":
+            extra["chat_template_kwargs"] = {"enable_thinking": p["thinking"] != "off"}
+        kwargs["extra_body"] = extra
         started = time.monotonic()
         if kwargs.get("stream"):
             chunks = list(self.client.chat.completions.create(**kwargs))
@@ -144,41 +189,91 @@ class _Runner:
         n = int(completion.usage.completion_tokens) if completion.usage else 0
         return Reply.from_completion(completion, Timing(seconds, n, n / seconds if seconds else 0.0))
 
-    def run(self, test: Test) -> dict[str, Any]:
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` in the served model's vocabulary (llama-server's /tokenize)."""
+        if not text:
+            return 0
+        import urllib.request
+        body = json.dumps({"content": text, "add_special": False}).encode()
+        request = urllib.request.Request(f"{self.url}/tokenize", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=self.params["timeout_s"]) as resp:
+            return len(json.loads(resp.read())["tokens"])
+
+    def draw(self, test: Test, seed: int) -> dict[str, Any]:
+        """One draw of a test: its status (steps.evalsuite.scores), reason, and what the reply spent."""
         from steps.evalsuite import conduct
-        outcomes, artifacts = [], {}
-        for _ in range(self.params["repetitions"]):
-            started = time.monotonic()
-            try:
-                reply = conduct(test, self.ask, self.options)
-                graded = graded_both(test, reply)
-                grade = graded[self.params["tool_calls"]]
-                passed, reason = grade.passed, grade.reason
-                artifacts = artifacts or dict(grade.artifacts)
-                timings = [t for turn in reply.turns or (reply,) for t in turn.timings]
-                api, text = graded["api"].passed, graded["text"].passed
-                finish = (reply.turns[-1] if reply.turns else reply).finish_reason
-                source = ("text" if reply.wrote_calls() else
-                          "tool_calls" if any(c.source == "tool_calls" for c in reply.all_calls()) else None)
-            except Exception as exc:  # noqa: BLE001 - a server error or a grader crash is one failed test
-                passed, reason, timings = False, f"{type(exc).__name__}: {exc}"[:500], []
-                api = text = False
-                source = finish = None
-            outcomes.append({"passed": passed, "reason": reason, "latency_s": round(time.monotonic() - started, 3),
+        from steps.sandbox import SandboxUnavailable
+        cap = answer_cap(test, self.params["max_tokens"])
+        started = time.monotonic()
+        out: dict[str, Any] = {"api": False, "text": False, "source": None, "finish_reason": None, "cut": None,
+                               "reasoning": "", "thinking_tokens": 0, "answer_tokens": 0, "artifacts": {},
+                               "timings": []}
+        try:
+            reply = conduct(test, lambda request: self.ask(request, cap, seed), self.options)
+            replies = [r for turn in reply.turns or (reply,) for r in turn.runs or (turn,)]
+            out["timings"] = [r.timing for r in replies if r.timing is not None]
+            out["finish_reason"] = (reply.turns[-1] if reply.turns else reply).finish_reason
+            out["cut"] = reply.cut()
+            out["reasoning"] = "\n\n".join(r.thinking for r in replies if r.thinking)
+            completion = sum(t.completion_tokens for t in out["timings"])
+            out["thinking_tokens"] = sum(self.count_tokens(r.thinking) for r in replies)
+            out["answer_tokens"] = max(0, completion - out["thinking_tokens"])
+            graded = graded_both(test, reply)
+            grade = graded[self.params["tool_calls"]]
+            out["api"], out["text"] = graded["api"].passed, graded["text"].passed
+            out["artifacts"] = dict(grade.artifacts)
+            out["source"] = ("text" if reply.wrote_calls() else
+                             "tool_calls" if any(c.source == "tool_calls" for c in reply.all_calls()) else None)
+            if grade.passed:
+                out["status"], out["reason"] = "pass", grade.reason
+            elif out["cut"]:
+                where = "its thinking" if out["cut"] == "thinking" else "its answer"
+                out["status"] = "truncated"
+                out["reason"] = (f"cut by the cap ({cap} answer + {self.budget} thinking tokens) in {where}; "
+                                 f"raise eval.max_tokens or the thinking budget (graded as cut: {grade.reason})")
+            else:
+                out["status"], out["reason"] = "fail", grade.reason
+        except SandboxUnavailable as exc:
+            out["status"], out["reason"] = "not run", f"not run: {exc}"[:500]
+        except Exception as exc:  # noqa: BLE001 - a server error or a grader crash is one test's error
+            out["status"], out["reason"] = "error", f"{type(exc).__name__}: {exc}"[:500]
+        out["latency_s"] = round(time.monotonic() - started, 3)
+        return out
+
+    def run(self, test: Test) -> dict[str, Any]:
+        """Every draw of a test (``eval.samples``, seeds seed, seed+1, ...), summed up: the first draw's details,
+        the status of the draws, their rate and interval."""
+        from steps.evalsuite.scores import tally, verdict_of
+        draws = [self.draw(test, self.params["seed"] + i) for i in range(self.params["samples"])]
+        first = draws[0]
+        statuses = [d["status"] for d in draws]
+        status = verdict_of(statuses)
+        shown = next((d for d in draws if d["status"] == status), first)
+        timings = [t for d in draws for t in d["timings"]]
+        result = {"id": test.id, "category": test.category, "status": status, "reason": shown["reason"],
+                  "finish_reason": shown["finish_reason"], "cut": shown["cut"],
+                  "answer_cap": answer_cap(test, self.params["max_tokens"]),
+                  "thinking_tokens": shown["thinking_tokens"], "answer_tokens": shown["answer_tokens"],
+                  "reasoning_chars": len(shown["reasoning"]), "reasoning": shown["reasoning"][:REASONING_KEPT],
+                  "passes_api": all(d["api"] for d in draws), "passes_text": all(d["text"] for d in draws),
+                  "tool_call_source": next((d["source"] for d in draws if d["source"]), None),
+                  "draws": statuses, **{k: v for k, v in tally(statuses).items() if k != "statuses"},
+                  "artifacts": next((d["artifacts"] for d in draws if d["artifacts"]), {}),
+                  "timing": {"latency_s": round(sum(d["latency_s"] for d in draws) / len(draws), 3),
                              "completion_tokens": sum(t.completion_tokens for t in timings),
-                             "generation_s": sum(t.seconds for t in timings), "api": api, "text": text,
-                             "source": source, "finish_reason": finish})
-        first = outcomes[0]
-        return {"id": test.id, "category": test.category, "passed": all(o["passed"] for o in outcomes),
-                "reason": first["reason"] if all(o["passed"] for o in outcomes) else
-                next(o["reason"] for o in outcomes if not o["passed"]),
-                "passes_api": all(o["api"] for o in outcomes), "passes_text": all(o["text"] for o in outcomes),
-                "tool_call_source": next((o["source"] for o in outcomes if o["source"]), None),
-                "finish_reason": first["finish_reason"],
-                "passes": sum(o["passed"] for o in outcomes), "repetitions": len(outcomes),
-                "latency_s": round(sum(o["latency_s"] for o in outcomes) / len(outcomes), 3),
-                "completion_tokens": sum(o["completion_tokens"] for o in outcomes),
-                "generation_s": round(sum(o["generation_s"] for o in outcomes), 3), "artifacts": artifacts}
+                             "generation_s": round(sum(t.seconds for t in timings), 3)}}
+        if len(draws) > 1:
+            result["draw_reasons"] = [d["reason"] for d in draws]
+        return result
+
+
+def _template_thinks(url: str) -> bool:
+    """Whether the served model's chat template thinks: it opens a ``<think>`` block or reads enable_thinking
+    (llama-server's /props holds the template)."""
+    import urllib.request
+    with urllib.request.urlopen(f"{url}/props", timeout=30) as resp:
+        template = str(json.loads(resp.read()).get("chat_template") or "")
+    return "<think>" in template or "enable_thinking" in template
 
 
 @functools.lru_cache(maxsize=1)
@@ -197,8 +292,12 @@ def eval_code_digest() -> str:
 
 
 def tools(stage: Stage) -> dict[str, str]:
-    """The suite's code, and the browser's version when frontend tests run (their results depend on it)."""
+    """The suite's code, the sandbox mode generated code runs in (or none: not run), and the browser's version when
+    frontend tests run: the results depend on each."""
+    from steps import sandbox
     found = {"suite": eval_code_digest()}
+    with sandbox.choose(stage.params["sandbox"]) as mode:
+        found["sandbox"] = mode
     if uses_browser(stage.params):
         from steps.evalsuite.frontend import browser_version
         found["browser"] = browser_version()

@@ -100,7 +100,8 @@ def _variant_stages(recipe: Recipe, v: str, made_by: str, model: dict[str, str],
             made_by = f"convert:{v}" if gguf == outtype else f"quantize:{name}"
             stages.append(Stage("eval", name, recipe, {**recipe.eval, "ggufs": None, "sources": None, "variant": v},
                                 deps=(made_by,), files=recipe.eval_files,
-                                outputs=(C.EVAL_FILE.format(name=name), C.EVAL_LOG.format(name=name))))
+                                outputs=(C.EVAL_FILE.format(name=name), C.EVAL_LOG.format(name=name),
+                                         C.EVAL_TIMINGS.format(name=name))))
     return stages
 
 

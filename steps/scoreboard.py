@@ -1,4 +1,4 @@
-"""scoreboard: every variant's bench and eval figures in one table: ``scoreboard.json`` (schema 3),
+"""scoreboard: every variant's bench and eval figures in one table: ``scoreboard.json`` (schema 4),
 ``scoreboard.md`` and ``scoreboard.png`` (score and KLD against file size).
 
 Cheap (no model is read): it only gathers the ``*.bench.json`` and ``*.eval.json`` of every GGUF. Rows are keyed by
@@ -31,11 +31,14 @@ def build(ctx: Context) -> None:
     rows: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     for dep in stage.deps:
-        rel = next(r for r in ctx.inputs[dep]["outputs"] if r.endswith(".json"))
-        found = read_json(stage.build_dir / rel)
+        outputs = ctx.inputs[dep]["outputs"]
         if dep.startswith("eval:"):
+            found = read_json(stage.build_dir / next(r for r in outputs if r.endswith(".eval.json")))
+            timings = next((r for r in outputs if r.endswith(".timings.json")), None)
+            found["timings"] = read_json(stage.build_dir / timings) if timings else {}
             evals.append(found)
             continue
+        found = read_json(stage.build_dir / next(r for r in outputs if r.endswith(".json")))
         variants.setdefault(found["variant"], found)
         rows += [{"variant": found["variant"], **row} for row in found["models"]]
     outtype = stage.recipe.gguf["outtype"].upper()
@@ -47,10 +50,12 @@ def build(ctx: Context) -> None:
             row = {"variant": report["variant"], "type": qtype, "file": report["gguf"],
                    **{k: report[k] for k in ("digest", "size") if report.get(k) is not None}}
             rows.append(row)
-        row["eval"] = {k: report[k] for k in ("passed", "total", "categories", "tokens_per_s", "wall_s")}
-        row["eval"]["tool_calls"] = report.get("tool_calls", "text")
-        row["eval"]["browser"] = report.get("browser")
-        row["eval"]["tests"] = [{k: t[k] for k in ("id", "category", "passed", "reason", "latency_s")}
+        row["eval"] = {k: report.get(k) for k in ("passed", "total", "statuses", "verdicts", "rate", "interval",
+                                                  "samples", "categories", "tool_calls", "thinking", "sandbox",
+                                                  "browser")}
+        row["eval"].update({k: report["timings"].get(k) for k in ("tokens_per_s", "wall_s")})
+        row["eval"]["tests"] = [{k: t.get(k) for k in ("id", "category", "status", "reason", "rate", "finish_reason",
+                                                       "thinking_tokens", "answer_tokens")}
                                 for t in report["tests"]]
     names = list(stage.params["variants"])
     first = next(iter(variants.values()), {})
@@ -96,23 +101,42 @@ def markdown(board: dict[str, Any]) -> str:
             continue
         categories = list(dict.fromkeys(c for r in reports.values() if r for c in r["categories"]))
         for category in [*categories, "TOTAL"]:
-            counts = {v: (r["passed"], r["total"]) if r and category == "TOTAL" else
-                      (r["categories"][category]["passed"], r["categories"][category]["total"])
-                      if r and category in r["categories"] else None for v, r in reports.items()}
-            cells = [f"{c[0]}/{c[1]}" if (c := counts[v]) is not None else "–" for v in names]
+            tallies = {v: (r if category == "TOTAL" else r["categories"].get(category)) if r else None
+                       for v, r in reports.items()}
+            cells = [_score_cell(t, with_rate=category == "TOTAL") if t else "–" for t in tallies.values()]
             if delta:
-                a, b = counts[delta[0]], counts[delta[1]]
-                cells.append(f"{b[0] - a[0]:+d}" if a is not None and b is not None else "–")
+                cells.append(_delta_cell(tallies[delta[0]], tallies[delta[1]]))
             lines.append(f"| {_type_label(qtype)} {category} | " + " | ".join(cells) + " |")
             lines += _other_count(qtype, category, reports, names, delta)
         for key, text in (("tokens_per_s", "tokens/s"), ("wall_s", "eval wall time (s)")):
-            cells = [f"{r[key]:.1f}" if (r := reports[v]) else "–" for v in names]
+            cells = [f"{r[key]:.1f}" if (r := reports[v]) and r.get(key) is not None else "–" for v in names]
             if delta:
                 a, b = reports[delta[0]], reports[delta[1]]
-                cells.append(f"{b[key] - a[key]:+.1f}" if a and b else "–")
+                cells.append(f"{b[key] - a[key]:+.1f}" if a and b and None not in (a.get(key), b.get(key)) else "–")
             lines.append(f"| {_type_label(qtype)} {text} | " + " | ".join(cells) + " |")
     chart = f"\n![score and KLD against file size]({C.SCOREBOARD_PNG})\n" if board.get("chart") else ""
     return f"# {board['recipe']}: scoreboard\n\n" + "\n".join(lines) + "\n" + chart
+
+
+def _score_cell(t: dict[str, Any], *, with_rate: bool = False) -> str:
+    """Passes over verdicts, then what got none ("2/5, 1 truncated"), and on TOTAL rows the rate with its 95 %
+    interval: "8/40 (20 %, 11-35), 4 not run"."""
+    statuses = t.get("statuses") or {}
+    cell = f"{statuses.get('pass', 0)}/{t['verdicts']}"
+    if with_rate and t.get("rate") is not None:
+        low, high = t["interval"]
+        cell += f" ({100 * t['rate']:.0f} %, {100 * low:.0f}-{100 * high:.0f})"
+    apart = [f"{n} {s}" for s, n in statuses.items() if s not in ("pass", "fail")]
+    return ", ".join([cell, *apart])
+
+
+def _delta_cell(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+    """The difference of two pass rates in points, marked "within noise" when its 95 % interval holds 0."""
+    from steps.evalsuite.scores import difference
+    d = difference(a, b) if a and b else None
+    if d is None:
+        return "–"
+    return f"{100 * d['delta']:+.0f} pts" + (" (within noise)" if d["within_noise"] else "")
 
 
 def _other_count(qtype: str, category: str, reports: dict[str, Any], names: list[str],
@@ -141,45 +165,87 @@ def _other_count(qtype: str, category: str, reports: dict[str, Any], names: list
     return [f"| {_type_label(qtype)} {category} ({label}) | " + " | ".join(cells) + " |"]
 
 
+STATUS_COLOURS = {"pass": "#2e7d32", "fail": "#c62828", "truncated": "#f9a825", "error": "#6a1b9a",
+                  "not run": "#9e9e9e"}
+
+
 def chart(board: dict[str, Any], dest: Path) -> bool:
-    """``scoreboard.png``: capability score (% of tests passed) and KL-divergence against GGUF file size, one point
-    per GGUF, one colour per variant. False (nothing written) when there is nothing to plot."""
+    """``scoreboard.png``: the pass rate (with its 95 % interval) and the KL-divergence against GGUF file size, one
+    point per GGUF, one colour and marker per variant (points of one size spread apart, so equal sizes stay
+    readable); under them, each evaluated GGUF's draws per category by status (pass, fail, truncated, error, not
+    run). False (nothing written) when there is nothing to plot."""
     rows = [r for r in board["models"] if r.get("size")]
-    scored = [r for r in rows if r.get("eval")]
+    scored = [r for r in rows if r.get("eval") and r["eval"].get("rate") is not None]
     diverged = [r for r in rows if r.get("kld_mean") is not None]
-    if not scored and not diverged:
+    evaluated = [r for r in board["models"] if r.get("eval")]
+    if not scored and not diverged and not evaluated:
         return False
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
-    panels = [(scored, "tests passed (%)", lambda r: 100.0 * r["eval"]["passed"] / max(1, r["eval"]["total"])),
-              (diverged, "KLD vs the unquantized GGUF", lambda r: r["kld_mean"])]
-    gb = max(r["size"] for r in rows) >= 1e9
-    unit, scale = ("GB", 1e9) if gb else ("MB", 1e6)
-    panels = [p for p in panels if p[0]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), dpi=100, squeeze=False)
+    panels = [p for p in ((scored, "pass rate (%, 95 % interval)"), (diverged, "KLD vs the unquantized GGUF")) if p[0]]
+    categories = list(dict.fromkeys(c for r in evaluated for c in r["eval"]["categories"]))
+    bars = len(evaluated) * len(categories)
+    top = 4.2 if panels else 0.0
+    height = top + (0.9 + 0.22 * bars if bars else 0.0)
+    fig = plt.figure(figsize=(12, height), dpi=100)
+    grid = fig.add_gridspec(2 if bars and panels else 1, max(1, len(panels)),
+                            height_ratios=[top, height - top] if bars and panels else None)
     colours = {v: f"C{i}" for i, v in enumerate(board["variants"])}
-    markers = {v: ("o", "s", "^", "D", "v")[i % 5] for i, v in enumerate(board["variants"])}   # ties stay visible
-    sizes = {v: 9 - 1.5 * (i % 4) for i, v in enumerate(board["variants"])}
-    for ax, (found, ylabel, value) in zip(axes[0], panels, strict=True):
-        for variant in board["variants"]:
-            points = sorted((r["size"] / scale, value(r), _type_label(r["type"])) for r in found
-                            if r["variant"] == variant)
-            if not points:
+    markers = {v: ("o", "s", "^", "D", "v")[i % 5] for i, v in enumerate(board["variants"])}
+    gb = max((r["size"] for r in rows), default=0) >= 1e9
+    unit, scale = ("GB", 1e9) if gb else ("MB", 1e6)
+    spread = 0.012 * (max((r["size"] for r in rows), default=1) / scale)
+    for i, (found, ylabel) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, i])
+        for k, variant in enumerate(board["variants"]):
+            mine = sorted((r for r in found if r["variant"] == variant), key=lambda r: r["size"])
+            if not mine:
                 continue
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[variant],
-                    markersize=sizes[variant], color=colours[variant], label=_label(board["recipe"], variant))
-            for x, y, text in points:
-                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            x = [r["size"] / scale + (k - (len(board["variants"]) - 1) / 2) * spread for r in mine]
+            if found is scored:
+                y = [100 * r["eval"]["rate"] for r in mine]
+                err = [[y_ - 100 * r["eval"]["interval"][0] for y_, r in zip(y, mine, strict=True)],
+                       [100 * r["eval"]["interval"][1] - y_ for y_, r in zip(y, mine, strict=True)]]
+                ax.errorbar(x, y, yerr=err, marker=markers[variant], color=colours[variant], capsize=3,
+                            label=_label(board["recipe"], variant))
+            else:
+                ax.plot(x, [r["kld_mean"] for r in mine], marker=markers[variant], color=colours[variant],
+                        label=_label(board["recipe"], variant))
+        sizes = sorted({r["size"] for r in found})
+        ax.set_xticks([size / scale for size in sizes],
+                      ["/".join(sorted({_type_label(r["type"]) for r in found if r["size"] == size}))
+                       + f" {size / scale:.1f}" for size in sizes], fontsize=7, rotation=35, ha="right")
         ax.set_xlabel(f"GGUF size ({unit})")
         ax.set_ylabel(ylabel)
-        ax.ticklabel_format(useOffset=False, style="plain", axis="x")
         if found is scored:
             ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{board['recipe']}: score and KLD against file size")
-    fig.tight_layout()
+    if bars:
+        ax = fig.add_subplot(grid[1, :] if panels else grid[0, 0])
+        labels, y = [], 0
+        for category in categories:
+            for r in evaluated:
+                counts = (r["eval"]["categories"].get(category) or {}).get("statuses") or {}
+                left = 0
+                for status, colour in STATUS_COLOURS.items():
+                    n = counts.get(status, 0)
+                    if n:
+                        ax.barh(y, n, left=left, color=colour, edgecolor="white", height=0.8,
+                                label=status if status not in ax.get_legend_handles_labels()[1] else None)
+                        left += n
+                labels.append(f"{category}: {_label(board['recipe'], r['variant'])} {_type_label(r['type'])}")
+                y += 1
+            ax.axhline(y - 0.5, color="black", linewidth=0.5)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("draws (tests x samples) by status")
+        ax.legend(fontsize=8, ncol=len(STATUS_COLOURS), loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                  frameon=False)
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"{board['recipe']}: scores, KLD and statuses")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))
     fig.savefig(dest, metadata={"Software": None})
     plt.close(fig)
     return True

@@ -6,6 +6,7 @@ completion into a ``Reply`` (``Reply.from_completion`` / ``Reply.from_stream``),
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from steps.evalsuite.text import clip, strip_thinking, text_tool_calls
 
 Message = dict[str, Any]
+_THINK_BLOCK = re.compile(r"<think>(.*?)(?:</think>|\Z)", re.S)
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,9 @@ class Timing:
 @dataclass(frozen=True)
 class Reply:
     """One assistant reply. ``runs``: every reply of a repeated request (this one first); ``turns``: every assistant
-    reply of a multi-turn script, in order (this one last); ``chunks``: SSE chunks that carried text or a call."""
+    reply of a multi-turn script, in order (this one last); ``chunks``: SSE chunks that carried answer text or a
+    call; ``reasoning``: the thinking the server returned apart (llama-server's ``reasoning_content``), while
+    thinking the server left inline stays in ``content`` as a ``<think>`` block."""
     content: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
     finish_reason: str | None = None
@@ -70,6 +74,7 @@ class Reply:
     runs: tuple[Reply, ...] = ()
     turns: tuple[Reply, ...] = ()
     text_calls: bool = True      # calls written in the text count (False: only the API's tool_calls do)
+    reasoning: str = ""
 
     @classmethod
     def from_completion(cls, completion: Any, timing: Timing | None = None) -> Reply:
@@ -77,12 +82,14 @@ class Reply:
         choice = completion.choices[0]
         calls = tuple(ToolCall(c.function.name, c.function.arguments or "", c.id or "")
                       for c in choice.message.tool_calls or ())
-        return cls(choice.message.content or "", calls, choice.finish_reason, timing)
+        reasoning = getattr(choice.message, "reasoning_content", None) or ""
+        return cls(choice.message.content or "", calls, choice.finish_reason, timing, reasoning=reasoning)
 
     @classmethod
     def from_stream(cls, chunks: Iterable[Any], timing: Timing | None = None) -> Reply:
         """From the ChatCompletionChunks of a streamed request: content and tool-call deltas joined."""
         content: list[str] = []
+        reasoning: list[str] = []
         calls: dict[int, dict[str, str]] = {}
         finish, count = None, 0
         for chunk in chunks:
@@ -94,6 +101,7 @@ class Reply:
             if delta.content or delta.tool_calls:
                 count += 1
             content.append(delta.content or "")
+            reasoning.append(getattr(delta, "reasoning_content", None) or "")
             for part in delta.tool_calls or ():
                 call = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
                 call["id"] = part.id or call["id"]
@@ -101,12 +109,30 @@ class Reply:
                     call["name"] += part.function.name or ""
                     call["arguments"] += part.function.arguments or ""
         tool_calls = tuple(ToolCall(c["name"], c["arguments"], c["id"]) for _, c in sorted(calls.items()))
-        return cls("".join(content), tool_calls, finish, timing, count)
+        return cls("".join(content), tool_calls, finish, timing, count, reasoning="".join(reasoning))
 
     @property
     def text(self) -> str:
-        """The content without reasoning (``<think>...</think>``), stripped."""
+        """The answer: the content without inline reasoning (``<think>...</think>``), stripped."""
         return strip_thinking(self.content)
+
+    @property
+    def thinking(self) -> str:
+        """The reply's reasoning: what the server returned apart, and any inline ``<think>`` block."""
+        inline = _THINK_BLOCK.findall(self.content)
+        if "</think>" in self.content and "<think>" not in self.content:   # the template opened the block
+            inline = [self.content.split("</think>", 1)[0]]
+        return "\n".join(part for part in (self.reasoning, *inline) if part.strip()).strip()
+
+    def cut(self) -> str | None:
+        """Where the token cap cut this reply (any run or turn of it): "thinking" when it stopped inside its
+        reasoning, before any answer; "answer" when it stopped in the answer; None when the model stopped."""
+        for reply in (*(self.turns or (self,)), *self.runs):
+            if reply.finish_reason == "length":
+                open_inline = reply.content.count("<think>") > reply.content.count("</think>")
+                return "thinking" if open_inline or (reply.thinking and not reply.text and not reply.tool_calls) \
+                    else "answer"
+        return None
 
     def calls(self) -> list[ToolCall]:
         """The API's tool calls, or else (unless ``text_calls`` is off) the calls written in the text
@@ -150,7 +176,7 @@ class Reply:
 @dataclass(frozen=True)
 class Options:
     """Recipe options that change prompts (the runner keys its evals on them too)."""
-    needle_tokens: int = 1500  # size of the needle-in-a-haystack filler, in (estimated) tokens
+    needle_tokens: int = 4096  # size of the needle-in-a-haystack document, in (estimated) tokens
 
     def __post_init__(self) -> None:
         if not isinstance(self.needle_tokens, int) or not 100 <= self.needle_tokens <= 1_000_000:

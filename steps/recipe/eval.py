@@ -14,13 +14,16 @@ EVAL = {
     "sources":       Field("any", []),
     "categories":    Field("any"),
     "tests":         Field("any"),
-    "max_tokens":    Field("int", 512, lo=1),
-    "repetitions":   Field("int", 1, lo=1),
+    "max_tokens":    Field("any"),                  # each test's answer cap: one number, or {test or category: n}
+    "samples":       Field("int", 1, lo=1, hi=1000),
     "temperature":   Field("number", 0.0, lo=0, hi=2, as_float=False),
     "seed":          Field("int", 0),
     "timeout_s":     Field("int", 300, lo=1),
-    "needle_tokens": Field("int", 1500, lo=1),
-    "thinking":      Field("choice", "on", choices=("on", "off"), yaml_bools=("off", "on")),
+    "needle_tokens": Field("int", 4096, lo=1),
+    "thinking":      Field("any", "auto"),          # auto | off | on | a thinking budget in tokens
+    "sandbox":       Field("choice", "auto", choices=("auto", "bwrap", "rlimits"), noun="sandbox mode",
+                           hint="(auto: bubblewrap, else generated code is not run; rlimits: run it without "
+                                "filesystem and network isolation)"),
     "tool_calls":    Field("choice", "api", choices=("api", "text"), noun="tool-call source",
                            hint="(api: only the API's tool_calls count; text: calls written in the reply count too)"),
     "server":        Field("any", {}),
@@ -77,9 +80,50 @@ def validate(check: Checker, value: Any, base: Path, quantize: tuple[str, ...], 
             all_tests(out["categories"], out["tests"])
         except ValueError as exc:
             raise check.fail("eval.tests", str(exc)) from None
+    out["max_tokens"] = _caps(check, out["max_tokens"])
+    out["thinking"] = _thinking(check, out["thinking"])
+    if out["samples"] > 1 and out["temperature"] == 0:
+        raise check.fail("eval.samples", f"{out['samples']} samples at temperature 0 are one greedy draw "
+                         "repeated; set eval.temperature (e.g. 0.7) to draw them, or samples: 1")
     server = check.block(out["server"] or {}, "eval.server", SERVER, fill=False)
     files = {}
     if server.get("chat_template"):
         files["chat_template"] = check.existing_file(server["chat_template"], "eval.server.chat_template", base)
     out["server"] = server
     return out, files
+
+
+THINKING_BUDGET = 2048       # thinking tokens allowed on top of each answer cap (thinking: on, or auto on a template
+                             # that thinks)
+
+
+def _caps(check: Checker, value: Any) -> int | dict[str, int] | None:
+    """eval.max_tokens: None (each test's own cap), one cap for every test, or caps by test id or category (a test's
+    id before its category); a cap raises a test's own as well as lowers it."""
+    def cap(v: Any, key: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise check.fail(key, f"expected a positive integer (tokens of answer), got {v!r}")
+        return v
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return None if value is None else cap(value, "eval.max_tokens")
+    if not isinstance(value, dict):
+        raise check.fail("eval.max_tokens", f"expected a number or a mapping of test ids and categories to "
+                         f"numbers, got {type(value).__name__}")
+    ids = {t.id for t in all_tests(CATEGORIES)}
+    for name in value:
+        if name not in ids and name not in CATEGORIES:
+            raise check.fail(f"eval.max_tokens.{name}", f"{name!r} is neither a test id nor a category; categories: "
+                             f"{', '.join(CATEGORIES)}")
+    return {str(k): cap(v, f"eval.max_tokens.{k}") for k, v in value.items()}
+
+
+def _thinking(check: Checker, value: Any) -> str | int:
+    """eval.thinking: auto (what the model's chat template does), off, on, or a thinking budget in tokens."""
+    if value is True or value is False:          # YAML reads on/off as booleans
+        return "on" if value else "off"
+    if isinstance(value, int) and value >= 1:
+        return value
+    if value in ("auto", "on", "off"):
+        return str(value)
+    raise check.fail("eval.thinking", f"expected auto, off, on or a thinking budget in tokens (a positive integer), "
+                     f"got {value!r}")

@@ -19,8 +19,10 @@ program:
                    see below; and everything the run started is killed when it ends
                    (and when the caller dies: bwrap --die-with-parent, else PR_SET_PDEATHSIG on the program)
 
-Modes (``sandbox_mode()``; detected once per process and cached; ``MERGEFORGE_SANDBOX=bwrap|rlimits|auto`` forces
-one: ``bwrap`` fails loudly when bubblewrap cannot run):
+Modes (``sandbox_mode()``; detected once per process and cached; ``MERGEFORGE_SANDBOX=bwrap|rlimits|auto``, or a
+recipe's ``eval.sandbox``, asks for one: ``bwrap`` fails loudly when bubblewrap cannot run; ``auto``, the default,
+is bwrap where it works and otherwise *none*: generated code is not run, and the eval reports those tests as "not
+run", so no score hides how it was obtained; the rlimits fallback runs only when asked for by name):
 
 ``bwrap`` -- bubblewrap (Debian package ``bubblewrap``), used when ``bwrap`` is on PATH and a probe run succeeds:
   * new mount, pid, network, ipc and uts namespaces (and cgroup when the kernel allows), ``--die-with-parent``,
@@ -45,13 +47,14 @@ one: ``bwrap`` fails loudly when bubblewrap cannot run):
   the machine beyond the per-process rlimits (no cgroup memory limit: 64 tasks x memory_mb, plus 96 MiB of tmpfs,
   is the worst case), and reading what is bound read-only (the Python and node installations, the venv's packages).
 
-``rlimits`` -- the fallback where bubblewrap is missing or cannot run (e.g. a container whose seccomp profile
-forbids namespaces). It guarantees: the cleared environment, the rlimits above, a fresh working directory (a
-temporary directory on the host, also HOME and TMPDIR, removed afterwards), the output caps, the timeout, and the
-kill of the run's process group. When the process runs as root it also runs the program as a dedicated
-unprivileged uid, *if* that uid can execute the language's interpreter (probed once per language; here the Python
-lives under /root, 0700, so Python code stays root and node code drops); otherwise, as root, a pids cgroup (cgroup v1
-``/sys/fs/cgroup/pids``) bounds the process count, and without one nothing does (RLIMIT_NPROC does not bind root).
+``rlimits`` -- the fallback, asked for by name, where bubblewrap is missing or cannot run (e.g. a container whose
+seccomp profile forbids namespaces). It guarantees: the cleared environment, the rlimits above, a fresh working
+directory (a temporary directory on the host, also HOME and TMPDIR, removed afterwards), the output caps, the
+timeout, and the kill of the run's process group. When the process runs as root it also runs the program as a
+dedicated unprivileged uid, *if* that uid can execute the language's interpreter (probed once per language; here the
+Python lives under /root, 0700, so Python code stays root and node code drops); otherwise, as root, a pids cgroup
+(cgroup v1 ``/sys/fs/cgroup/pids``) bounds the process count, and without one nothing does (RLIMIT_NPROC does not
+bind root).
 It does NOT guarantee, and the tests check only what it does guarantee:
   * no filesystem isolation: the program sees the whole filesystem with the rights of its user. As a dedicated uid
     it can read whatever is world-readable and write whatever is world-writable (/tmp, /var/tmp, /dev/shm); as
@@ -88,9 +91,11 @@ out of memory / allocation failed: the limits make allocations fail rather than 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import sys
+from collections.abc import Iterator
 
 # The package's parts, bottom to top: limits, results, launch, procs, bwrap, run. This file picks the mode; run_code
 # stays here with sandbox_mode, which it reads from this module (a patch of steps.sandbox.sandbox_mode holds).
@@ -107,7 +112,8 @@ from steps.sandbox.run import _run
 __all__ = ["BROWSER_PROCS", "BROWSER_TMPFS_MB", "ENV_MODE", "FILE_SIZE_MB", "LANGUAGES", "MAX_PROCS", "MODES",
            "NODE_DATA_HEADROOM_MB", "NODE_VM_HEADROOM_MB", "NOFILE", "OUTPUT_CAP", "TMP_TMPFS_MB", "UID_BASE",
            "WORK_TMPFS_MB", "WORKDIR", "Confinement", "SandboxResult", "SandboxUnavailable", "available_modes",
-           "describe", "live_processes", "main", "run_code", "sandbox_mode"]
+           "NO_SANDBOX", "choose", "describe", "live_processes", "main", "resolve", "run_code",
+           "sandbox_mode"]
 
 
 @functools.cache
@@ -129,11 +135,23 @@ def available_modes() -> list[str]:
     return (["bwrap"] if _bwrap_probe() is None else []) + ["rlimits"]
 
 
-@functools.cache
+NO_SANDBOX = ("install bubblewrap (apt-get install bubblewrap), or opt in to the fallback without filesystem and "
+              "network isolation: MERGEFORGE_SANDBOX=rlimits or the recipe's eval.sandbox: rlimits")
+_wanted = "auto"                 # the eval's choice (eval.sandbox); MERGEFORGE_SANDBOX overrides it
+
+
 def sandbox_mode() -> str:
-    """The mode run_code uses: bubblewrap where it works, else the rlimits fallback (MERGEFORGE_SANDBOX forces)."""
+    """The mode run_code uses: bubblewrap where it works; the rlimits fallback only when asked for
+    (``MERGEFORGE_SANDBOX=rlimits``, or ``choose("rlimits")`` from the recipe); else "none": generated code is
+    not run at all (run_code raises SandboxUnavailable, and the eval reports those tests as not run)."""
     _sweep_stale()
-    wanted = settings.sandbox_mode()
+    env = settings.sandbox_mode()
+    return resolve(_wanted if env == "auto" else env)
+
+
+@functools.cache
+def resolve(wanted: str) -> str:
+    """``wanted`` (auto | bwrap | rlimits) on this machine: bwrap, rlimits or none."""
     if wanted not in ("auto", *MODES):
         raise SandboxUnavailable(f"{ENV_MODE}={wanted!r}: expected auto, bwrap or rlimits")
     if wanted == "rlimits":
@@ -143,9 +161,19 @@ def sandbox_mode() -> str:
         return "bwrap"
     if wanted == "bwrap":
         raise SandboxUnavailable(f"{ENV_MODE}=bwrap but {why}")
-    print(f"mergeforge: sandbox: {why}; generated code runs in the rlimits fallback (no filesystem or network "
-          "isolation, see steps/sandbox/__init__.py)", file=sys.stderr)
-    return "rlimits"
+    print(f"mergeforge: sandbox: {why}; generated code is not run: {NO_SANDBOX}", file=sys.stderr)
+    return "none"
+
+
+@contextlib.contextmanager
+def choose(wanted: str) -> Iterator[str]:
+    """Run the block with ``wanted`` (a recipe's eval.sandbox) as the mode asked for; yields sandbox_mode()."""
+    global _wanted
+    before, _wanted = _wanted, wanted
+    try:
+        yield sandbox_mode()
+    finally:
+        _wanted = before
 
 
 def describe(language: str = "python", mode: str | None = None) -> Confinement:
@@ -176,6 +204,8 @@ def run_code(language: str, files: dict[str, str], argv: list[str], *, timeout_s
     _check_language(language)
     _sweep_stale()
     mode = mode or sandbox_mode()
+    if mode == "none":
+        raise SandboxUnavailable(f"no sandbox for generated code: {_bwrap_probe()}; {NO_SANDBOX}")
     if mode not in MODES:
         raise ValueError(f"unknown sandbox mode {mode!r}; known: {', '.join(MODES)}")
     if mode == "bwrap" and _bwrap_probe() is not None:
@@ -186,6 +216,9 @@ def run_code(language: str, files: dict[str, str], argv: list[str], *, timeout_s
 
 def main() -> None:
     mode = sandbox_mode()
+    if mode == "none":
+        print(f"mode: none: generated code is not run ({_bwrap_probe()}); {NO_SANDBOX}")
+        return
     print(f"mode: {mode}" + ("" if _bwrap_probe() is None else f" (bwrap: {_bwrap_probe()})"))
     for language in LANGUAGES:
         if language == "javascript" and _node() is None:
