@@ -139,9 +139,10 @@ class _Runner:
 
     Thinking (``eval.thinking``): ``off`` sends ``chat_template_kwargs: {enable_thinking: false}``; ``on`` or a
     budget sends ``enable_thinking: true``; ``auto`` sends neither and lets the chat template decide. When the model
-    may think (on, a budget, or auto on a template that opens a think block) each request's ``max_tokens`` is the
-    test's answer cap plus the thinking budget, so thinking never eats the answer's tokens; a reply the cap cuts
-    anyway is "truncated", not failed."""
+    may think (on, a budget, or auto on a template that opens a think block) each request asks llama-server for that
+    thinking budget (``thinking_budget_tokens``: the server closes the block when it is spent) and its
+    ``max_tokens`` is the test's answer cap plus the budget, so thinking never eats the answer's tokens; a reply the
+    cap cuts anyway is "truncated", not failed."""
 
     def __init__(self, url: str, params: dict[str, Any]) -> None:
         import openai
@@ -176,6 +177,8 @@ class _Runner:
         extra: dict[str, Any] = {"cache_prompt": False}      # no reuse of another request's KV: see docs/evals.md
         if p["thinking"] != "auto":
             extra["chat_template_kwargs"] = {"enable_thinking": p["thinking"] != "off"}
+        if self.budget:                  # llama-server closes the think block after this many tokens
+            extra["thinking_budget_tokens"] = self.budget
         kwargs["extra_body"] = extra
         started = time.monotonic()
         if kwargs.get("stream"):

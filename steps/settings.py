@@ -40,7 +40,8 @@ SETTINGS = (
             "--nproc_per_node 2`; recorded in the heal key (its process count sets the global batch)"),
     Setting("MERGEFORGE_UPDATE", "(unset)", "resolve Hub sources' revisions again: 1 or all, a recipe name, or "
             "<recipe>:<source>, comma-separated (else build/<recipe>/lock.json's commits)"),
-    Setting("MERGEFORGE_SANDBOX", "auto", "how generated code is confined: auto, bwrap or rlimits"),
+    Setting("MERGEFORGE_SANDBOX", "auto", "how generated code is confined: auto (bubblewrap, else it is not run), "
+            "bwrap or rlimits (no isolation); overrides eval.sandbox"),
     Setting("MERGEFORGE_CHROMIUM", "(unset: Debian's chromium, else one on PATH)", "the Chromium the frontend "
             "tests drive"),
     Setting("MERGEFORGE_VERIFY_FULL", "0", "`doit verify` reads every byte, not only files changed since hashed"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -209,6 +210,12 @@ def _build_locked(target: Path) -> Toolchain:
     work = Path(tempfile.mkdtemp(prefix=f"{VERSION}.", dir=target.parent))
     src = _extract(_sdist(), work / "py")
     flags = list(CMAKE_FLAGS)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # -march=native turns on AMX where the CPU lists it; a VM that lists AMX without granting its tile state
+        # faults in ggml's AMX kernels (seen: Q8_0 loads end in a general protection fault), so the build leaves
+        # AMX out. Explicit -mno-* options win over -march=native whatever their order.
+        no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+        flags += [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
     if shutil.which("nvcc") and has_gpu():
         flags.append("-DGGML_CUDA=ON")
     started = time.time()

@@ -1,0 +1,207 @@
+"""The eval's runner against a stand-in OpenAI-compatible server on loopback that answers as llama-server does for a
+thinking model: ``reasoning_content`` apart (or inline ``<think>`` blocks), ``finish_reason: length`` when the
+cap cuts the reply, reasoning deltas before content deltas when streamed, ``/tokenize`` and ``/props``.
+
+What must hold: thinking never eats a test's answer cap; a reply the cap cuts is "truncated", never "fail"; the
+recipe's thinking setting reaches the chat template; samples are seeded draws with an interval; without a sandbox,
+generated code is not run and the tests say so."""
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from steps.evalsuite import all_tests
+
+
+@dataclass
+class Thinker:
+    """How the stand-in model answers: ``thinks`` words of reasoning (unless the request turns thinking off),
+    then ``answer``; ``inline``: the reasoning stays in content as a <think> block (llama-server with
+    --reasoning-format none). One word is one token (its /tokenize splits on spaces)."""
+    thinks: int = 300
+    answer: str = "pong"
+    inline: bool = False
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+    def reply(self, body: dict[str, Any]) -> tuple[str, str, str]:
+        """(reasoning, content, finish_reason) for one request, cut at its max_tokens."""
+        self.requests.append(body)
+        enabled = (body.get("chat_template_kwargs") or {}).get("enable_thinking", True)
+        thought = [f"step{i}" for i in range(self.thinks if enabled else 0)]
+        answer = self.answer.split(" ")
+        cap = int(body.get("max_tokens") or 10_000)
+        finish = "length" if len(thought) + len(answer) > cap else "stop"
+        thought, answer = thought[:cap], answer[:max(0, cap - len(thought))]
+        reasoning = " ".join(thought)
+        content = " ".join(answer)
+        if self.inline and thought:
+            content = f"<think>{reasoning}" + ("</think>" if len(thought) == self.thinks else "") + content
+            reasoning = ""
+        return reasoning, content, finish
+
+
+def _handler(model: Thinker) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _send(self, payload: Any, content_type: str = "application/json") -> None:
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if self.path == "/props":
+                self._send({"chat_template": "{% if enable_thinking %}<think>\n{% endif %}{{ messages }}"})
+            else:
+                self._send({"status": "ok"})
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/tokenize":
+                self._send({"tokens": list(range(len(body["content"].split())))})
+                return
+            reasoning, content, finish = model.reply(body)
+            tokens = len(reasoning.split()) + len(content.split())
+            usage = {"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": 10 + tokens}
+            if not body.get("stream"):
+                message = {"role": "assistant", "content": content}
+                if reasoning:
+                    message["reasoning_content"] = reasoning
+                self._send({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+                            "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage})
+                return
+            events = [{"reasoning_content": w + " "} for w in reasoning.split()]
+            events += [{"content": w + " "} for w in content.split()]
+            chunks = [{"id": "c", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                       "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in events]
+            chunks.append({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                           "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+            chunks.append({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                           "choices": [], "usage": usage})
+            self._send(b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n",
+                       "text/event-stream")
+    return Handler
+
+
+@pytest.fixture
+def stand_in() -> Iterator[tuple[str, Thinker]]:
+    model = Thinker()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(model))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", model
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def params(**given: Any) -> dict[str, Any]:
+    """A recipe's eval block as the recipe reader fills it."""
+    from steps.recipe.eval import EVAL
+    out = {k: f.default for k, f in EVAL.items()}
+    out.update({"server": {"parallel": 1}, "variant": "m", "categories": None, "tests": None, "ggufs": None}, **given)
+    return out
+
+
+def run(url: str, ids: list[str], **given: Any) -> dict[str, dict[str, Any]]:
+    from steps.eval import _Runner, run_suite
+    runner = _Runner(url, params(**given))
+    return {r["id"]: r for r in run_suite(runner, all_tests(ids=ids))}
+
+
+def test_thinking_gets_its_budget_on_top_of_the_answer_cap(stand_in: tuple[str, Thinker]) -> None:
+    """300 tokens of thinking, then "pong": ping's own 16-token cap would cut it in its thinking; with the thinking
+    budget on top, it passes, and eval.json says how much it thought."""
+    url, model = stand_in
+    ping = run(url, ["ping"], thinking="on")["ping"]
+    assert ping["status"] == "pass", ping["reason"]
+    assert model.requests[-1]["max_tokens"] == 16 + 2048
+    assert model.requests[-1]["chat_template_kwargs"] == {"enable_thinking": True}
+    assert model.requests[-1]["thinking_budget_tokens"] == 2048
+    assert ping["thinking_tokens"] == 300 and ping["answer_tokens"] == 1 and ping["finish_reason"] == "stop"
+    assert ping["reasoning"].startswith("step0 step1") and ping["reasoning_chars"] > 1000
+
+
+def test_a_reply_cut_in_its_thinking_is_truncated_not_failed(stand_in: tuple[str, Thinker]) -> None:
+    url, model = stand_in
+    for inline in (False, True):
+        model.inline = inline
+        ping = run(url, ["ping"], thinking=100)["ping"]
+        assert model.requests[-1]["max_tokens"] == 16 + 100
+        assert ping["status"] == "truncated" and ping["cut"] == "thinking", ping
+        assert "in its thinking" in ping["reason"] and ping["finish_reason"] == "length"
+        assert ping["rate"] is None and ping["draws"] == ["truncated"]
+
+
+def test_a_reply_cut_in_its_answer_is_truncated_and_a_wrong_whole_answer_fails(stand_in: tuple[str, Thinker]) -> None:
+    url, model = stand_in
+    model.thinks, model.answer = 0, " ".join(["word"] * 40)
+    cut = run(url, ["ping"], thinking="off")["ping"]
+    assert cut["status"] == "truncated" and cut["cut"] == "answer", cut
+    model.answer = "ping"
+    wrong = run(url, ["ping"], thinking="off")["ping"]
+    assert wrong["status"] == "fail" and "expected exactly 'pong'" in wrong["reason"]
+
+
+def test_thinking_off_reaches_the_template_and_auto_reads_it(stand_in: tuple[str, Thinker]) -> None:
+    """off: enable_thinking false and no budget (the stand-in then answers at once); auto: the template decides,
+    and a template that opens a think block gets the budget."""
+    url, model = stand_in
+    off = run(url, ["ping"], thinking="off")["ping"]
+    assert off["status"] == "pass" and off["thinking_tokens"] == 0
+    assert model.requests[-1]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert model.requests[-1]["max_tokens"] == 16 and "thinking_budget_tokens" not in model.requests[-1]
+    auto = run(url, ["ping"])["ping"]
+    assert auto["status"] == "pass" and "chat_template_kwargs" not in model.requests[-1]
+    assert model.requests[-1]["max_tokens"] == 16 + 2048
+    assert all(r["cache_prompt"] is False for r in model.requests)       # no KV reused across requests
+
+
+def test_a_recipe_raises_a_cap_as_well_as_lowers_it(stand_in: tuple[str, Thinker]) -> None:
+    url, model = stand_in
+    model.thinks = 0
+    run(url, ["ping", "factual_qa"], max_tokens={"ping": 200, "basic": 8}, thinking="off")
+    caps = sorted(r["max_tokens"] for r in model.requests)
+    assert caps == [8, 200]
+    run(url, ["ping"], max_tokens=1000, thinking="off")
+    assert model.requests[-1]["max_tokens"] == 1000
+
+
+def test_streamed_reasoning_then_content_counts_as_streamed(stand_in: tuple[str, Thinker]) -> None:
+    url, model = stand_in
+    model.answer = " ".join(str(i) for i in range(1, 21))
+    streamed = run(url, ["sse_streaming"], thinking="on")["sse_streaming"]
+    assert streamed["status"] == "pass", streamed["reason"]
+    assert streamed["thinking_tokens"] == 300
+    cut = run(url, ["sse_streaming"], thinking=50)["sse_streaming"]
+    assert cut["status"] == "truncated" and cut["cut"] == "thinking", cut
+
+
+def test_samples_are_seeded_draws_with_an_interval(stand_in: tuple[str, Thinker]) -> None:
+    url, model = stand_in
+    ping = run(url, ["ping"], samples=5, temperature=0.7, seed=10, thinking="on")["ping"]
+    assert [r["seed"] for r in model.requests] == [10, 11, 12, 13, 14]
+    assert ping["draws"] == ["pass"] * 5 and ping["rate"] == 1.0
+    assert ping["interval"][0] == pytest.approx(0.5655, abs=1e-4) and ping["interval"][1] == 1.0
+
+
+def test_without_a_sandbox_generated_code_is_not_run(stand_in: tuple[str, Thinker],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from steps import sandbox
+    url, model = stand_in
+    model.thinks, model.answer = 0, "```python\ndef climb_stairs(n):\n    return n\n```"
+    monkeypatch.setattr(sandbox, "sandbox_mode", lambda: "none")
+    result = run(url, ["climbing_stairs"])["climbing_stairs"]
+    assert result["status"] == "not run", result
+    assert "apt-get install bubblewrap" in result["reason"] and "MERGEFORGE_SANDBOX=rlimits" in result["reason"]
