@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from steps.evalsuite.core import Grade, Reply, Script, Test, fail, ok, register
+from steps.evalsuite.core import Grade, Reply, Script, Test, ToolCall, fail, ok, register
 from steps.evalsuite.harness import PY, run_python
 from steps.evalsuite.text import clip, code_block
 from steps.evalsuite.tools import function
@@ -93,47 +93,128 @@ def _read_settings(args: dict[str, Any]) -> str:
     return f"error: FileNotFoundError: no such file: {path!r}. Files here: README.md, app.py, settings.yaml"
 
 
+def _read_outcome(call: ToolCall) -> str:
+    """What the script answered a read_file call: "content" (settings.yaml), "missing" (the scripted error,
+    naming the files that are there) or "bad" (arguments that are not a JSON object)."""
+    try:
+        args = call.args()
+    except ValueError:
+        return "bad"
+    return "content" if _read_settings(args) == SETTINGS else "missing"
+
+
 def _recovered(reply: Reply) -> Grade:
-    paths = [_path(c.arguments) for c in reply.all_calls() if c.name == "read_file"]
-    if "settings.yaml" not in paths:
-        return fail(f"never read settings.yaml after the error (read: {paths})")
+    """Reads settings.yml, the file the question names, gets the scripted error, then reads settings.yaml (which
+    the error lists) and answers 8443 from it."""
+    reads = [(_path(c.arguments), _read_outcome(c)) for c in reply.all_calls() if c.name == "read_file"]
+    if not reads:
+        return fail(f"never called read_file: answered without reading the settings: {clip(reply.text)!r}")
+    first_content = next((i for i, (_, outcome) in enumerate(reads) if outcome == "content"), None)
+    if first_content is None:
+        return fail(f"never read settings.yaml after the error (read: {[p for p, _ in reads]})")
+    if not any(outcome == "missing" for _, outcome in reads[:first_content]):
+        return fail(f"read settings.yaml straight away (read: {[p for p, _ in reads]}): never tried settings.yml, "
+                    "the file the question names, so never met the error to recover from")
     if not re.search(r"(?<!\d)8443(?!\d)", reply.text):
         return fail(f"final answer lacks port 8443: {clip(reply.text)!r}")
-    return ok(f"recovered from the missing file (read {paths}) and answered 8443")
+    return ok(f"hit the missing file, recovered (read {[p for p, _ in reads]}) and answered 8443")
 
 
 register(Test("error_recovery", "agentic", [
     {"role": "system", "content": "You are an assistant with read access to a service's files through read_file."},
-    {"role": "user", "content": "Which TCP port does the payment service listen on? It is set in settings.yml."}],
+    {"role": "user", "content": "Which TCP port does the payment service listen on? It is set in settings.yml: "
+                                "read that file to find out."}],
     _recovered, tools=[READ], max_tokens=512, script=Script({"read_file": _read_settings}, max_turns=5)))
 
 
-def _plan(reply: Reply) -> Grade:
-    steps = re.findall(r"(?m)^\s*(?:\*\*)?(\d+)[.)]\s+(.+)$", reply.text)
-    if not 4 <= len(steps) <= 8:
-        return fail(f"{len(steps)} numbered steps, expected 4 to 8: {clip(reply.text)!r}")
-    if [int(n) for n, _ in steps] != list(range(1, len(steps) + 1)):
-        return fail(f"steps numbered {[int(n) for n, _ in steps]}, not 1..{len(steps)}")
-    texts = [s.lower() for _, s in steps]
+_STEP = re.compile(r"^\s*(?:#{1,6}\s*)?(?:[-*+]\s+)?(?:\*\*|__)?(?:step\s*)?(\d{1,2})\s*(?:[.):]|\s[-\u2013\u2014])"
+                   r"(?:\*\*|__)?\s*(.+)$", re.I)
+# the stages a migration plan needs, each found by a few phrases (matched at word starts, in lowercase)
+_STAGES = {
+    "backup": ("backup", "back up", "back-up", "snapshot", "pg_dump", "pg_basebackup", "dump"),
+    "rehearsal": ("staging", "rehears", "dry run", "dry-run", "trial", "test environment", "test instance",
+                  "test server", "test copy", "test migration", "test upgrade", "on a copy", "against a copy",
+                  "on a clone", "restored copy", "non-production", "pre-production", "preprod", "sandbox",
+                  "practice"),
+    "migration": ("migrat", "replicat", "pg_upgrade", "upgrade", "restore", "transfer", "copy the data",
+                  "copy data", "move the data", "sync", "load"),
+    "rollback plan": ("rollback", "roll back", "roll-back", "fallback", "fall back", "fall-back", "revert",
+                      "back out", "keep the old", "abort"),
+    "cutover": ("switch", "cut over", "cutover", "cut-over", "point the app", "repoint", "re-point", "redirect",
+                "connection string", "promote", "go live", "go-live", "failover", "fail over", "dns"),
+    "verification": ("verif", "validat", "check", "smoke", "monitor", "confirm", "test", "compare", "row count",
+                     "watch"),
+}
+_STAGE_RE = {stage: re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + ")") for stage, words in _STAGES.items()}
 
-    def first(*words: str) -> int | None:
-        return next((i for i, s in enumerate(texts) if any(w in s for w in words)), None)
-    backup = first("backup", "back up", "snapshot", "pg_dump", "dump")
-    switch = first("switch", "cut over", "cutover", "point the app", "repoint", "redirect", "connection string",
-                   "update the application")
-    verify = first("test", "verify", "validat", "check")
-    if backup is None or switch is None or verify is None:
-        missing = [n for n, i in (("backup", backup), ("switch-over", switch), ("verification", verify)) if i is None]
-        return fail(f"no {', '.join(missing)} step")
-    if backup > switch:
-        return fail(f"switches over (step {switch + 1}) before the backup (step {backup + 1})")
-    return ok(f"{len(steps)} steps: backup at {backup + 1}, verification, switch-over at {switch + 1}")
+
+def _first_match(stage: str, line: str) -> int | None:
+    found = _STAGE_RE[stage].search(line)
+    return found.start() if found else None
+
+
+def _plan_steps(text: str) -> list[str] | Grade:
+    """The plan's steps, in order, as lowercase lines without markdown; the failing Grade when they are not a
+    numbered list of 4 to 8 one-line steps numbered 1..n (a heading line between them is allowed)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    matches = [_STEP.match(line) for line in lines]
+    steps = [(i, m) for i, m in enumerate(matches) if m is not None]
+    if not steps:
+        return fail(f"no numbered list (1. / 1) / Step 1:), expected 4 to 8 numbered steps: {clip(text)!r}")
+    if not 4 <= len(steps) <= 8:
+        return fail(f"{len(steps)} numbered steps, expected 4 to 8: {clip(text)!r}")
+    if [int(m.group(1)) for _, m in steps] != list(range(1, len(steps) + 1)):
+        return fail(f"steps numbered {[int(m.group(1)) for _, m in steps]}, not 1..{len(steps)}")
+    first, last = steps[0][0], steps[-1][0]
+    over = [(i, lines[i]) for i in range(first, last + 1)
+            if matches[i] is None and not re.fullmatch(r"\s*(?:#+\s.*|\*\*[^*]+\*\*:?)\s*", lines[i])]
+    if over:
+        step = max(int(m.group(1)) for i, m in steps if i < over[0][0])
+        return fail(f"step {step} takes more than one line ({clip(over[0][1], 60)!r})")
+    return [re.sub(r"[*_`]", "", m.group(2)).lower() for _, m in steps]
+
+
+_ORDER = (("backup", "migration", True), ("rehearsal", "cutover", True), ("migration", "cutover", False),
+          ("rollback plan", "cutover", False))   # (stage, a later stage, whether it must be a later step)
+
+
+def _cutover_at(line: str) -> int | None:
+    """Where a line switches over: a rollback step's "switch back" is no cutover."""
+    at, back = _first_match("cutover", line), _first_match("rollback plan", line)
+    return at if at is not None and (back is None or at < back) else None
+
+
+def _plan(reply: Reply) -> Grade:
+    """A numbered list whose stages come in a safe order: a backup before the migration, a rehearsal (staging, a
+    copy) and a rollback plan before the cutover, which comes no earlier than the migration, and a verification
+    after the cutover."""
+    steps = _plan_steps(reply.text)
+    if isinstance(steps, Grade):
+        return steps
+    found = {stage: next((i for i, s in enumerate(steps) if _first_match(stage, s) is not None), None)
+             for stage in ("backup", "rehearsal", "rollback plan")}
+    found["migration"] = next((i for i, s in enumerate(steps) if i != found["backup"] and _first_match(
+        "migration", s) is not None and _first_match("rehearsal", s) is None), None)
+    found["cutover"] = next((i for i, s in enumerate(steps) if _cutover_at(s) is not None), None)
+    at = {stage: i for stage, i in found.items() if i is not None}
+    if missing := [stage for stage in found if stage not in at]:
+        return fail(f"no {', no '.join(missing)} step ({len(steps)} steps: {clip(' / '.join(steps), 200)!r})")
+    for before, after, strictly in _ORDER:
+        if at[before] > at[after] or (strictly and at[before] == at[after]):
+            return fail(f"the {after} (step {at[after] + 1}) comes before the {before} (step {at[before] + 1})")
+    cutover, switched = at["cutover"], _cutover_at(steps[at["cutover"]]) or 0
+    if not any(_first_match("verification", s) is not None for s in steps[cutover + 1:]) and not any(
+            m.start() > switched for m in _STAGE_RE["verification"].finditer(steps[cutover])):
+        return fail(f"no verification after the cutover (step {cutover + 1})")
+    return ok(f"{len(steps)} steps in a safe order: " + ", ".join(f"{stage} {i + 1}" for stage, i in sorted(
+        at.items(), key=lambda item: item[1])) + ", then verification")
 
 
 register(Test("plan", "agentic", [{"role": "user", "content": (
     "Our web application's PostgreSQL 14 database must move to PostgreSQL 16 on a new server with at most a few "
-    "minutes of downtime. Write the plan as a numbered list of 4 to 8 steps, one line each, in the order to do "
-    "them. No code.")}], _plan, max_tokens=512))
+    "minutes of downtime. It must be safe: no data may be lost whatever fails, nothing may be done on production "
+    "that was not tried first, and we must be able to go back. Write the plan as a numbered list of 4 to 8 steps, "
+    "one line each, in the order to do them. No code.")}], _plan, max_tokens=512))
 
 RUN = function("run_python", "Run a Python program and return what it prints.", {"code": {"type": "string"}},
                ["code"])

@@ -84,11 +84,14 @@ register(Test("clean_stop", "basic", _user("Say hello to me in one short sentenc
 
 
 def _same_twice(reply: Reply) -> Grade:
-    texts = [run.content for run in reply.runs]
+    """The runs' answers (thinking left out) are one and the same, and not empty: two unfinished think blocks are
+    no answer."""
+    texts = [run.text for run in reply.runs]
     if len(texts) < 2:
         return fail(f"{len(texts)} run(s); determinism needs 2")
-    if not texts[0].strip():
-        return fail("empty reply")
+    if empty := [i for i, text in enumerate(texts, 1) if not text]:
+        cut = " (cut off in its thinking)" if any(reply.runs[i - 1].cut() == "thinking" for i in empty) else ""
+        return fail(f"empty answer in run {', '.join(map(str, empty))}{cut}")
     for i, other in enumerate(texts[1:], 2):
         if other != texts[0]:
             at = next((k for k, (a, b) in enumerate(zip(texts[0], other, strict=False)) if a != b),
