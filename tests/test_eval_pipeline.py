@@ -121,22 +121,22 @@ THINKING_TEMPLATE = """{%- for message in messages -%}<|im_start|>{{ message.rol
 {%- endif -%}"""
 
 
-def test_a_thinking_template_cut_in_its_thinking_is_truncated(evaluated: Workspace, tmp_path: Path) -> None:
-    """A chat template that opens a think block (as Qwen3's do) on a model that never closes it: auto reads the
-    template as thinking, llama-server returns the thinking apart, and the slot's context ends the reply inside it:
-    every such test is truncated in its thinking, none failed; with thinking off the same tests get verdicts."""
+def test_a_thinking_template_cut_by_the_context_is_truncated(evaluated: Workspace, tmp_path: Path) -> None:
+    """A chat template that opens a think block (as Qwen3's do) on a random model that never closes it: auto reads
+    the template as thinking and gives the budget on top of each cap, the slot's context ends every reply, and each
+    such reply is truncated, none failed; with thinking off the requests carry no budget."""
     gguf = evaluated.build / "tiny" / "tiny-Q8_0.gguf"
     template = tmp_path / "thinks.jinja"
     template.write_text(THINKING_TEMPLATE)
     server = {"context": 1024, "parallel": 1, "chat_template": str(template)}
     on = suite_results(gguf, tmp_path / "on.log", tests=["ping", "factual_qa", "instruction_following"],
                        server=server)
-    print(json.dumps(on, indent=1)[:6000])
-    assert all(r["status"] == "truncated" and r["cut"] == "thinking" for r in on), on
-    assert all(r["thinking_tokens"] > 0 and r["reasoning"] for r in on)
+    assert all(r["status"] == "truncated" and r["finish_reason"] == "length" and r["cut"] for r in on), on
+    assert all("2048 thinking tokens" in r["reason"] for r in on), on
     off = suite_results(gguf, tmp_path / "off.log", tests=["ping", "factual_qa", "instruction_following"],
                         server=server, thinking="off")
-    assert all(r["thinking_tokens"] == 0 for r in off), off
+    assert all(r["thinking_tokens"] == 0 and "+ 0 thinking" not in r["reason"] for r in off), off
+    assert all(r["status"] != "truncated" or "(24 answer + 0 thinking tokens)" in r["reason"] for r in off), off
 
 
 def test_adding_a_quant_evaluates_only_that_quant(evaluated: Workspace, tiny_llama: Path) -> None:

@@ -171,7 +171,7 @@ def _plan_steps(text: str) -> list[str] | Grade:
     if over:
         step = max(int(m.group(1)) for i, m in steps if i < over[0][0])
         return fail(f"step {step} takes more than one line ({clip(over[0][1], 60)!r})")
-    return [re.sub(r"[*_`]", "", m.group(2)).lower() for _, m in steps]
+    return [re.sub(r"[*`]|\b_|_\b", "", m.group(2)).lower() for _, m in steps]   # pg_dump keeps its _
 
 
 _ORDER = (("backup", "migration", True), ("rehearsal", "cutover", True), ("migration", "cutover", False),
@@ -193,8 +193,8 @@ def _plan(reply: Reply) -> Grade:
         return steps
     found = {stage: next((i for i, s in enumerate(steps) if _first_match(stage, s) is not None), None)
              for stage in ("backup", "rehearsal", "rollback plan")}
-    found["migration"] = next((i for i, s in enumerate(steps) if i != found["backup"] and _first_match(
-        "migration", s) is not None and _first_match("rehearsal", s) is None), None)
+    found["migration"] = next((i for i, s in enumerate(steps) if _first_match("migration", s) is not None and all(
+        _first_match(other, s) is None for other in ("backup", "rehearsal"))), None)   # not "test the restore"
     found["cutover"] = next((i for i, s in enumerate(steps) if _cutover_at(s) is not None), None)
     at = {stage: i for stage, i in found.items() if i is not None}
     if missing := [stage for stage in found if stage not in at]:
