@@ -1,14 +1,16 @@
 """eval: the capability suite (steps/evalsuite, 44 tests in 9 categories) against llama-server, one GGUF at a time.
 
 ``eval:<variant>-<NAME>`` serves one GGUF with llama-server (steps.server: a free loopback port, always stopped),
-talks to it through the ``openai`` client, grades every test and writes ``<variant>-<NAME>.eval.json`` (each
-test's result, reason and latency, totals per category, tokens/s, wall time) and the server's log beside it. The
-key holds the GGUF's digest, the recipe's eval block and the suite's own code (eval_code_digest: a
-changed prompt or grader reruns the evals and nothing else); sampling is greedy and seeded by default, so an
-unchanged eval restores from the store. Generated code runs in steps.sandbox.
+talks to it through the ``openai`` client, grades every test and writes ``<variant>-<NAME>.eval.json`` (schema 3:
+each test's status -- pass, fail, truncated, error, not run -- reason, finish reason, thinking and answer tokens,
+draws, rate and interval; totals per category; how the scores were obtained), ``<variant>-<NAME>.timings.json``
+(latency and tokens/s, measurements kept apart) and the server's log beside them. The key holds the GGUF's digest,
+the recipe's eval block, the suite's own code (eval_code_digest: a changed prompt or grader reruns the evals and
+nothing else) and the sandbox mode; sampling is greedy and seeded by default, and no request reuses another's
+prompt cache, so the same bytes give the same eval.json. Generated code runs in steps.sandbox, or not at all.
 
 Tests run concurrently on the server's parallel slots (``eval.server.parallel``), except the timed ones
-(performance), which run alone afterwards.
+(performance), which run alone afterwards. docs/evals.md says what a score means.
 
     python -m steps.eval demo-Q4_K_M             # run one eval stage of recipes/demo.yaml
 """
