@@ -7,7 +7,7 @@ draws, rate and interval; totals per category; how the scores were obtained), ``
 (latency and tokens/s, measurements kept apart) and the server's log beside them. The key holds the GGUF's digest,
 the recipe's eval block, the suite's own code (eval_code_digest: a changed prompt or grader reruns the evals and
 nothing else) and the sandbox mode; sampling is greedy and seeded by default, and no request reuses another's
-prompt cache, so the same bytes give the same eval.json. Generated code runs in steps.sandbox, or not at all.
+prompt cache. Generated code runs in steps.sandbox, or not at all.
 
 Tests run concurrently on the server's parallel slots (``eval.server.parallel``), except the timed ones
 (performance), which run alone afterwards. docs/evals.md says what a score means.
