@@ -101,9 +101,9 @@ const nav = document.querySelector("nav");
 window.addEventListener("scroll", () => nav.classList.toggle("scrolled", window.scrollY > 50));
 const text = "Ship faster with Acme";
 let n = 0;
-const typer = setInterval(() => {
-  document.getElementById("typed").textContent = text.slice(0, ++n);
-  if (n >= text.length) clearInterval(typer);
+setInterval(() => {          // types the line, holds it a moment, types it again
+  n = n >= text.length + 8 ? 1 : n + 1;
+  document.getElementById("typed").textContent = text.slice(0, n);
 }, 60);
 const observer = new IntersectionObserver((entries) => {
   for (const e of entries) if (e.isIntersecting) e.target.classList.add("visible");
