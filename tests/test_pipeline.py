@@ -51,7 +51,7 @@ def built_events(ws: Workspace) -> list[str]:
 def test_first_build_makes_every_artifact(built: Workspace, llama_cpp) -> None:  # type: ignore[no-untyped-def]
     out = built.build / "tiny"
     board = json.loads((out / "scoreboard.json").read_text())
-    assert board["schema"] == 3 and board["variants"] == ["tiny"]
+    assert board["schema"] == 4 and board["variants"] == ["tiny"]
     rows = {row["type"]: row for row in board["models"]}
     assert set(rows) == {"base", "Q4_K_M", "Q8_0"}
     for qtype in ("Q4_K_M", "Q8_0"):
