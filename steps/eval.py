@@ -9,17 +9,20 @@ the recipe's eval block, the suite's own code (eval_code_digest: a changed promp
 nothing else) and the sandbox mode; sampling is greedy and seeded by default, and no request reuses another's
 prompt cache. Generated code runs in steps.sandbox, or not at all.
 
-Tests run concurrently on the server's parallel slots (``eval.server.parallel``), except the timed ones
-(performance), which run alone afterwards. docs/evals.md says what a score means.
+Tests run concurrently (``eval.server.parallel`` of them), the timed ones (performance) alone afterwards; with
+``eval.repeatable`` (the default) their requests reach the server one at a time, so that no reply depends on what
+shares its batch. docs/evals.md says what a score means.
 
     python -m steps.eval demo-Q4_K_M             # run one eval stage of recipes/demo.yaml
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -103,7 +106,7 @@ def graded_both(test: Test, reply: Reply) -> dict[str, Any]:
 
 
 def run_suite(runner: _Runner, tests: list[Test]) -> list[dict[str, Any]]:
-    """Every test through ``runner``, concurrently on the server's parallel slots (the timed ones alone afterwards);
+    """Every test through ``runner``, as many at once as the server has slots (the timed ones alone afterwards);
     one result per test, in the order of ``tests``."""
     parallel = max(1, int(runner.params["server"].get("parallel", 1)))
     with ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -141,7 +144,7 @@ class _Runner:
 
     Thinking (``eval.thinking``): ``off`` sends ``chat_template_kwargs: {enable_thinking: false}``; ``on`` or a
     budget sends ``enable_thinking: true``; ``auto`` sends neither and lets the chat template decide. When the model
-    may think (on, a budget, or auto on a template that opens a think block) each request asks llama-server for that
+    may think (on, a budget, or auto on a model whose rendered prompt opens a think block) each request asks llama-server for that
     thinking budget (``thinking_budget_tokens``: the server closes the block when it is spent) and its
     ``max_tokens`` is the test's answer cap plus the budget, so thinking never eats the answer's tokens; a reply the
     cap cuts anyway is "truncated", not failed."""
@@ -155,8 +158,15 @@ class _Runner:
                                     max_retries=0)
         self.params, self.options = params, Options(needle_tokens=params["needle_tokens"])
         self.model = params["server"].get("alias") or "model"
-        self.template_thinks = _template_thinks(url) if params["thinking"] == "auto" else None
+        self.budget = 0                  # the prompt is rendered with the thinking switch alone
+        prompt = self._render_prompt()
+        self.opened = prompt is not None and _opens_thinking(prompt)
+        self.template_thinks = _template_thinks(url, prompt) if params["thinking"] == "auto" else None
         self.budget = self._budget()
+        # repeatable: one request on the server at a time. Requests that share a batch on parallel slots differ in
+        # the last bits of their arithmetic (the batch's size picks the kernels), which can flip a greedy reply;
+        # grading, sandboxed code and the browser still run concurrently.
+        self.one_at_a_time = threading.Lock() if params["repeatable"] else contextlib.nullcontext()
 
     def _budget(self) -> int:
         from steps.recipe.eval import THINKING_BUDGET
@@ -167,32 +177,55 @@ class _Runner:
             return THINKING_BUDGET
         return 0
 
+    def extra_body(self) -> dict[str, Any]:
+        """What each request adds to the OpenAI body for llama-server: no prompt-cache reuse, the thinking switch
+        (unless auto) and the thinking budget."""
+        extra: dict[str, Any] = {"cache_prompt": False}      # no reuse of another request's KV: see docs/evals.md
+        if self.params["thinking"] != "auto":
+            extra["chat_template_kwargs"] = {"enable_thinking": self.params["thinking"] != "off"}
+        if self.budget:                  # llama-server closes the think block after this many tokens
+            extra["thinking_budget_tokens"] = self.budget
+        return extra
+
+    def _render_prompt(self) -> str | None:
+        """The prompt the server renders for one user message with this eval's thinking switch (llama-server's
+        /apply-template; None from a server without it). llama-server turns thinking on only for templates whose
+        format it knows, so the rendered prompt, not the template's source, says whether the model thinks."""
+        import urllib.error
+        import urllib.request
+        body = json.dumps({"messages": [{"role": "user", "content": "Hello"}], **self.extra_body()}).encode()
+        request = urllib.request.Request(f"{self.url}/apply-template", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.params["timeout_s"]) as resp:
+                return str(json.loads(resp.read()).get("prompt") or "")
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
     def thinking_used(self) -> dict[str, Any]:
-        """What eval.json says of thinking: the setting, whether the template thinks (auto), the budget given."""
-        return {"setting": self.params["thinking"], "template_thinks": self.template_thinks, "budget": self.budget}
+        """What eval.json says of thinking: the setting, whether the template thinks (auto), the budget given,
+        whether the prompt ends inside an open think block."""
+        return {"setting": self.params["thinking"], "template_thinks": self.template_thinks, "budget": self.budget,
+                "prompt_opens": self.opened}
 
     def ask(self, request: dict[str, Any], cap: int, seed: int) -> Reply:
         from steps.evalsuite import Reply, Timing
         p = self.params
         kwargs = {**request, "model": self.model, "temperature": p["temperature"], "seed": seed,
-                  "max_tokens": cap + self.budget}
-        extra: dict[str, Any] = {"cache_prompt": False}      # no reuse of another request's KV: see docs/evals.md
-        if p["thinking"] != "auto":
-            extra["chat_template_kwargs"] = {"enable_thinking": p["thinking"] != "off"}
-        if self.budget:                  # llama-server closes the think block after this many tokens
-            extra["thinking_budget_tokens"] = self.budget
-        kwargs["extra_body"] = extra
-        started = time.monotonic()
-        if kwargs.get("stream"):
-            chunks = list(self.client.chat.completions.create(**kwargs))
+                  "max_tokens": cap + self.budget, "extra_body": self.extra_body()}
+        with self.one_at_a_time:
+            started = time.monotonic()
+            if kwargs.get("stream"):
+                chunks = list(self.client.chat.completions.create(**kwargs))
+                seconds = time.monotonic() - started
+                usage = next((c.usage for c in reversed(chunks) if getattr(c, "usage", None)), None)
+                n = int(usage.completion_tokens) if usage else 0
+                return Reply.from_stream(chunks, Timing(seconds, n, n / seconds if seconds else 0.0),
+                                         opened=self.opened)
+            completion = self.client.chat.completions.create(**kwargs)
             seconds = time.monotonic() - started
-            usage = next((c.usage for c in reversed(chunks) if getattr(c, "usage", None)), None)
-            n = int(usage.completion_tokens) if usage else 0
-            return Reply.from_stream(chunks, Timing(seconds, n, n / seconds if seconds else 0.0))
-        completion = self.client.chat.completions.create(**kwargs)
-        seconds = time.monotonic() - started
         n = int(completion.usage.completion_tokens) if completion.usage else 0
-        return Reply.from_completion(completion, Timing(seconds, n, n / seconds if seconds else 0.0))
+        return Reply.from_completion(completion, Timing(seconds, n, n / seconds if seconds else 0.0),
+                                     opened=self.opened)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` in the served model's vocabulary (llama-server's /tokenize)."""
@@ -272,10 +305,22 @@ class _Runner:
         return result
 
 
-def _template_thinks(url: str) -> bool:
-    """Whether the served model's chat template thinks: it opens a ``<think>`` block or reads enable_thinking
-    (llama-server's /props holds the template)."""
+def _opens_thinking(prompt: str) -> bool:
+    """Whether a rendered prompt ends inside an open ``<think>`` block (as Qwen3's and DeepSeek-R1's do): the reply
+    then starts in its thinking, without the opening tag."""
+    tail = prompt.rstrip()
+    return tail.rfind("<think>") > tail.rfind("</think>")
+
+
+def _template_thinks(url: str, prompt: str | None) -> bool:
+    """Whether the served model thinks by default: its rendered prompt opens a ``<think>`` block, or its chat
+    template (llama-server's /props) writes ``<think>`` or reads enable_thinking and the rendered prompt does not end
+    in a closed, empty block (the template's own "thinking off")."""
     import urllib.request
+    if prompt is not None and _opens_thinking(prompt):
+        return True
+    if prompt is not None and prompt.rstrip().endswith("</think>"):
+        return False
     with urllib.request.urlopen(f"{url}/props", timeout=30) as resp:
         template = str(json.loads(resp.read()).get("chat_template") or "")
     return "<think>" in template or "enable_thinking" in template

@@ -64,7 +64,7 @@ def argv(gguf: Path, options: dict[str, Any], port: int, mmproj: Path | None = N
     out = [toolchain.locate().program("llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
            "-c", str(o["context"]), "-fa", str(o["flash_attn"]), "-b", str(o["batch"]), "-ub", str(o["ubatch"]),
            "-np", str(o["parallel"]), "-ctk", str(o["cache_type_k"]), "-ctv", str(o["cache_type_v"]),
-           "-t", str(threads()), "--no-webui", *toolchain.gpu_args()]
+           "-t", str(threads()), "--no-webui", "--cache-ram", "0", *toolchain.gpu_args()]
     if o["jinja"]:
         out.append("--jinja")
     if o["alias"]:

@@ -60,7 +60,7 @@ def test_every_test_is_graded_into_the_scoreboard(evaluated: Workspace) -> None:
     assert all(t["status"] in STATUSES and t["reason"] for t in report["tests"])
     # how each score was obtained: which calls counted, how the generated code was confined, how each reply ended
     assert report["schema"] == 3 and report["tool_calls"] == "api" and report["sandbox"] in ("bwrap", "rlimits")
-    assert report["thinking"] == {"setting": "auto", "template_thinks": False, "budget": 0}
+    assert report["thinking"] == {"setting": "auto", "template_thinks": False, "budget": 0, "prompt_opens": False}
     errors = [t for t in report["tests"] if t["status"] == "error"]
     assert all(re.match(r"[A-Z]\w*(Error|Exception): ", t["reason"]) for t in errors), errors
     assert all(t["finish_reason"] in ("stop", "length", "tool_calls") for t in report["tests"] if t not in errors)
@@ -80,6 +80,65 @@ def test_every_test_is_graded_into_the_scoreboard(evaluated: Workspace) -> None:
     assert row["eval"]["total"] == 44 and row["eval"]["passed"] == report["passed"]
     assert row["eval"]["tokens_per_s"] == timings["tokens_per_s"]
     assert "| Q8_0 TOTAL |" in (out / "scoreboard.md").read_text()
+
+
+def suite_results(gguf: Path, log: Path, **given: object) -> list[dict]:
+    """The suite's results against a fresh llama-server on ``gguf``, without the timings (measurements)."""
+    from steps import server
+    from steps.eval import _Runner, run_suite
+    from steps.evalsuite import all_tests
+    from steps.recipe.eval import EVAL
+    params = {**{k: f.default for k, f in EVAL.items()}, "categories": None, "tests": None, "variant": "tiny",
+              "max_tokens": 24, "needle_tokens": 200, "server": {"context": 2048, "parallel": 2}, **given}
+    tests = all_tests(params["categories"], params["tests"])
+    with server.serve(gguf, params["server"], log) as url:
+        results = run_suite(_Runner(url, params), tests)
+    for result in results:
+        del result["timing"], result["artifacts"]
+    return results
+
+
+def test_the_same_bytes_give_the_same_results(evaluated: Workspace, tmp_path: Path) -> None:
+    """Two fresh servers on one GGUF, tests concurrent on two slots: every test but the two timed ones gets the same
+    reply, reason and status (greedy, seeded, and no prompt cache shared between requests)."""
+    gguf = evaluated.build / "tiny" / "tiny-Q8_0.gguf"
+    first, second = (suite_results(gguf, tmp_path / f"{i}.log") for i in (1, 2))
+    untimed = [(a, b) for a, b in zip(first, second, strict=True) if a["category"] != "performance"]
+    assert len(untimed) == 42
+    assert [a for a, b in untimed if a != b] == [], [(a["id"], a["reason"], b["reason"]) for a, b in untimed if a != b]
+
+
+THINKING_TEMPLATE = """{%- for message in messages -%}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endfor -%}
+{%- if add_generation_prompt -%}<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false %}<think>
+
+</think>
+
+{% else %}<think>
+{% endif -%}
+{%- endif -%}"""
+
+
+def test_a_thinking_template_cut_by_the_context_is_truncated(evaluated: Workspace, tmp_path: Path) -> None:
+    """A chat template that opens a think block (as Qwen3's do) on a random model that never closes it: with
+    thinking on the server renders the open block, the budget comes on top of each cap, the slot's context ends
+    every reply inside its thinking, and each such reply is truncated in its thinking, none failed; with thinking off
+    the template closes an empty block and the requests carry no budget."""
+    gguf = evaluated.build / "tiny" / "tiny-Q8_0.gguf"
+    template = tmp_path / "thinks.jinja"
+    template.write_text(THINKING_TEMPLATE)
+    server = {"context": 1024, "parallel": 1, "chat_template": str(template)}
+    on = suite_results(gguf, tmp_path / "on.log", tests=["ping", "factual_qa", "instruction_following"],
+                       server=server, thinking="on")
+    assert all(r["status"] == "truncated" and r["finish_reason"] == "length" and r["cut"] == "thinking"
+               and r["thinking_tokens"] > 0 for r in on), on
+    assert all("2048 thinking tokens" in r["reason"] for r in on), on
+    off = suite_results(gguf, tmp_path / "off.log", tests=["ping", "factual_qa", "instruction_following"],
+                        server=server, thinking="off")
+    assert all(r["thinking_tokens"] == 0 and r["cut"] != "thinking" for r in off), off
+    assert all(r["status"] != "truncated" or "+ 0 thinking tokens" in r["reason"] for r in off), off
 
 
 def test_adding_a_quant_evaluates_only_that_quant(evaluated: Workspace, tiny_llama: Path) -> None:

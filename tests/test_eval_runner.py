@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,15 +24,36 @@ from steps.evalsuite import all_tests
 class Thinker:
     """How the stand-in model answers: ``thinks`` words of reasoning (unless the request turns thinking off),
     then ``answer``; ``inline``: the reasoning stays in content as a <think> block (llama-server with
-    --reasoning-format none). One word is one token (its /tokenize splits on spaces)."""
+    --reasoning-format none); ``unparsed``: as inline, but the chat template opened the block (its /apply-template
+    prompt ends in ``<think>``, as Qwen3's does), so the content starts in the thinking without the opening tag.
+    One word is one token (its /tokenize splits on spaces). ``most_at_once``: the most requests it answered at once
+    (each takes ``seconds``)."""
     thinks: int = 300
     answer: str = "pong"
     inline: bool = False
+    unparsed: bool = False
+    seconds: float = 0.0
     requests: list[dict[str, Any]] = field(default_factory=list)
+    at_once: int = 0
+    most_at_once: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def render(self, body: dict[str, Any]) -> str:
+        """/apply-template's prompt: a Qwen3-style template, open think block unless thinking is off."""
+        enabled = (body.get("chat_template_kwargs") or {}).get("enable_thinking", True)
+        user = body["messages"][-1]["content"]
+        return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n" + (
+            "<think>\n" if enabled else "<think>\n\n</think>\n\n")
 
     def reply(self, body: dict[str, Any]) -> tuple[str, str, str]:
         """(reasoning, content, finish_reason) for one request, cut at its max_tokens."""
-        self.requests.append(body)
+        with self.lock:
+            self.requests.append(body)
+            self.at_once += 1
+            self.most_at_once = max(self.most_at_once, self.at_once)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.at_once -= 1
         enabled = (body.get("chat_template_kwargs") or {}).get("enable_thinking", True)
         thought = [f"step{i}" for i in range(self.thinks if enabled else 0)]
         answer = self.answer.split(" ")
@@ -40,8 +62,9 @@ class Thinker:
         thought, answer = thought[:cap], answer[:max(0, cap - len(thought))]
         reasoning = " ".join(thought)
         content = " ".join(answer)
-        if self.inline and thought:
-            content = f"<think>{reasoning}" + ("</think>" if len(thought) == self.thinks else "") + content
+        if (self.inline or self.unparsed) and thought:
+            opening = "" if self.unparsed else "<think>"
+            content = f"{opening}{reasoning}" + (" </think> " if len(thought) == self.thinks else "") + content
             reasoning = ""
         return reasoning, content, finish
 
@@ -69,6 +92,9 @@ def _handler(model: Thinker) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if self.path == "/tokenize":
                 self._send({"tokens": list(range(len(body["content"].split())))})
+                return
+            if self.path == "/apply-template":
+                self._send({"prompt": model.render(body)})
                 return
             reasoning, content, finish = model.reply(body)
             tokens = len(reasoning.split()) + len(content.split())
@@ -142,6 +168,34 @@ def test_a_reply_cut_in_its_thinking_is_truncated_not_failed(stand_in: tuple[str
         assert ping["status"] == "truncated" and ping["cut"] == "thinking", ping
         assert "in its thinking" in ping["reason"] and ping["finish_reason"] == "length"
         assert ping["rate"] is None and ping["draws"] == ["truncated"]
+
+
+def test_thinking_the_server_left_in_an_opened_block_is_read_as_thinking(stand_in: tuple[str, Thinker]) -> None:
+    """The template opened the think block and the server did not parse it: the content is thinking up to
+    ``</think>``; cut before the tag, the whole reply is thinking (truncated in its thinking, not a wrong answer)."""
+    url, model = stand_in
+    model.unparsed = True
+    ping = run(url, ["ping"], thinking="on")["ping"]
+    assert ping["status"] == "pass" and ping["thinking_tokens"] == 300, ping
+    assert ping["answer_tokens"] == 2                    # "</think>" and "pong"
+    cut = run(url, ["ping"], thinking=100)["ping"]
+    assert cut["status"] == "truncated" and cut["cut"] == "thinking", cut
+    assert cut["thinking_tokens"] == 116 and cut["answer_tokens"] == 0
+    model.unparsed, model.inline = False, False
+    plain = run(url, ["ping"], thinking="off")["ping"]             # the prompt closed the block: an answer
+    assert plain["status"] == "pass" and plain["thinking_tokens"] == 0
+
+
+def test_repeatable_sends_one_request_at_a_time(stand_in: tuple[str, Thinker]) -> None:
+    """repeatable (the default): requests never share the server's batch, whatever eval.server.parallel says;
+    ``repeatable: false`` fills the parallel slots."""
+    url, model = stand_in
+    model.thinks, model.seconds = 0, 0.2
+    ids = ["ping", "factual_qa", "instruction_following", "system_prompt"]
+    run(url, ids, thinking="off", server={"parallel": 4})
+    assert model.most_at_once == 1 and len(model.requests) >= 4
+    run(url, ids, thinking="off", server={"parallel": 4}, repeatable=False)
+    assert model.most_at_once > 1
 
 
 def test_a_reply_cut_in_its_answer_is_truncated_and_a_wrong_whole_answer_fails(stand_in: tuple[str, Thinker]) -> None:

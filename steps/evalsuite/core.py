@@ -65,7 +65,8 @@ class Reply:
     """One assistant reply. ``runs``: every reply of a repeated request (this one first); ``turns``: every assistant
     reply of a multi-turn script, in order (this one last); ``chunks``: SSE chunks that carried answer text or a
     call; ``reasoning``: the thinking the server returned apart (llama-server's ``reasoning_content``), while
-    thinking the server left inline stays in ``content`` as a ``<think>`` block."""
+    thinking the server left inline stays in ``content`` as a ``<think>`` block; ``opened``: the prompt opened the
+    block (a Qwen3-style template), so content the server did not parse starts inside it, without the opening tag."""
     content: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
     finish_reason: str | None = None
@@ -75,18 +76,20 @@ class Reply:
     turns: tuple[Reply, ...] = ()
     text_calls: bool = True      # calls written in the text count (False: only the API's tool_calls do)
     reasoning: str = ""
+    opened: bool = False
 
     @classmethod
-    def from_completion(cls, completion: Any, timing: Timing | None = None) -> Reply:
+    def from_completion(cls, completion: Any, timing: Timing | None = None, opened: bool = False) -> Reply:
         """From an ``openai`` ChatCompletion (first choice)."""
         choice = completion.choices[0]
         calls = tuple(ToolCall(c.function.name, c.function.arguments or "", c.id or "")
                       for c in choice.message.tool_calls or ())
         reasoning = getattr(choice.message, "reasoning_content", None) or ""
-        return cls(choice.message.content or "", calls, choice.finish_reason, timing, reasoning=reasoning)
+        return cls(choice.message.content or "", calls, choice.finish_reason, timing, reasoning=reasoning,
+                   opened=opened)
 
     @classmethod
-    def from_stream(cls, chunks: Iterable[Any], timing: Timing | None = None) -> Reply:
+    def from_stream(cls, chunks: Iterable[Any], timing: Timing | None = None, opened: bool = False) -> Reply:
         """From the ChatCompletionChunks of a streamed request: content and tool-call deltas joined."""
         content: list[str] = []
         reasoning: list[str] = []
@@ -109,19 +112,28 @@ class Reply:
                     call["name"] += part.function.name or ""
                     call["arguments"] += part.function.arguments or ""
         tool_calls = tuple(ToolCall(c["name"], c["arguments"], c["id"]) for _, c in sorted(calls.items()))
-        return cls("".join(content), tool_calls, finish, timing, count, reasoning="".join(reasoning))
+        return cls("".join(content), tool_calls, finish, timing, count, reasoning="".join(reasoning), opened=opened)
+
+    def _still_thinking(self) -> bool:
+        """Whether all of the content is thinking: the prompt opened the block, the server returned no reasoning
+        apart and no closing tag came before the cap cut the reply."""
+        return (self.opened and self.finish_reason == "length" and not self.reasoning and not self.tool_calls
+                and "</think>" not in self.content and "<think>" not in self.content)
 
     @property
     def text(self) -> str:
         """The answer: the content without inline reasoning (``<think>...</think>``), stripped."""
-        return strip_thinking(self.content)
+        return "" if self._still_thinking() else strip_thinking(self.content)
 
     @property
     def thinking(self) -> str:
-        """The reply's reasoning: what the server returned apart, and any inline ``<think>`` block."""
+        """The reply's reasoning: what the server returned apart, and any inline ``<think>`` block (the whole
+        content when the prompt opened the block and the cap came before it closed)."""
         inline = _THINK_BLOCK.findall(self.content)
         if "</think>" in self.content and "<think>" not in self.content:   # the template opened the block
             inline = [self.content.split("</think>", 1)[0]]
+        elif self._still_thinking():
+            inline = [self.content]
         return "\n".join(part for part in (self.reasoning, *inline) if part.strip()).strip()
 
     def cut(self) -> str | None:

@@ -18,6 +18,7 @@ EVAL = {
     "samples":       Field("int", 1, lo=1, hi=1000),
     "temperature":   Field("number", 0.0, lo=0, hi=2, as_float=False),
     "seed":          Field("int", 0),
+    "repeatable":    Field("bool", True),           # one request at a time: the same bytes give the same eval.json
     "timeout_s":     Field("int", 300, lo=1),
     "needle_tokens": Field("int", 4096, lo=1),
     "thinking":      Field("any", "auto"),          # auto | off | on | a thinking budget in tokens
