@@ -144,7 +144,7 @@ class _Runner:
 
     Thinking (``eval.thinking``): ``off`` sends ``chat_template_kwargs: {enable_thinking: false}``; ``on`` or a
     budget sends ``enable_thinking: true``; ``auto`` sends neither and lets the chat template decide. When the model
-    may think (on, a budget, or auto on a model whose rendered prompt opens a think block) each request asks llama-server for that
+    may think (on, a budget, or auto on a model that thinks by default) each request asks llama-server for that
     thinking budget (``thinking_budget_tokens``: the server closes the block when it is spent) and its
     ``max_tokens`` is the test's answer cap plus the budget, so thinking never eats the answer's tokens; a reply the
     cap cuts anyway is "truncated", not failed."""

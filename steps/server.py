@@ -8,7 +8,7 @@ starter is gone, so no llama-server outlives a build, ever.
 
 Options (the recipe's ``eval.server`` block; machine settings come from the environment and change no key):
 context, flash_attn (on | off | auto), batch, ubatch, parallel (slots), cache_type_k / cache_type_v, jinja,
-chat_template (a file, relative to the recipe), alias, reasoning_budget. ``MERGEFORGE_THREADS`` and
+chat_template (a file, relative to the recipe), alias, reasoning_budget, reasoning_format. ``MERGEFORGE_THREADS`` and
 ``MERGEFORGE_GPU_LAYERS`` as for every llama.cpp program.
 """
 from __future__ import annotations
@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 SERVER_DEFAULTS: dict[str, Any] = {"context": 4096, "flash_attn": "auto", "batch": 2048, "ubatch": 512,
                                    "parallel": 1, "cache_type_k": "f16", "cache_type_v": "f16", "jinja": True,
-                                   "alias": None, "chat_template": None, "reasoning_budget": None}
+                                   "alias": None, "chat_template": None, "reasoning_budget": None,
+                                   "reasoning_format": None}
 
 
 def servers_dir() -> Path:
@@ -73,6 +74,8 @@ def argv(gguf: Path, options: dict[str, Any], port: int, mmproj: Path | None = N
         out += ["--chat-template-file", str(o["chat_template"])]
     if o["reasoning_budget"] is not None:
         out += ["--reasoning-budget", str(o["reasoning_budget"])]
+    if o["reasoning_format"] is not None:
+        out += ["--reasoning-format", str(o["reasoning_format"])]
     if mmproj is not None:
         out += ["--mmproj", str(mmproj)]
     return out

@@ -141,6 +141,60 @@ def test_a_thinking_template_cut_by_the_context_is_truncated(evaluated: Workspac
     assert all(r["status"] != "truncated" or "+ 0 thinking tokens" in r["reason"] for r in off), off
 
 
+def qwen35_template(dest: Path) -> Path:
+    """Qwen3.5's own chat template (the seed's model family), as llama.cpp's sources ship it (models/templates/ of
+    the sdist the toolchain was built from)."""
+    import tarfile
+
+    from steps import toolchain
+    name = f"{toolchain.SDIST_PACKAGE.replace('-', '_')}-{toolchain.SDIST_VERSION}"
+    sdist = toolchain.home() / "downloads" / f"{name}.tar.gz"
+    if not sdist.exists():
+        pytest.skip("llama.cpp was not built from its source distribution here (MERGEFORGE_LLAMA_CPP)")
+    member = f"{name}/vendor/llama.cpp/models/templates/Qwen3.5-4B.jinja"
+    with tarfile.open(sdist) as tar:
+        dest.write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+    return dest
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen35_gguf(tmp_path_factory: pytest.TempPathFactory, llama_cpp) -> Path:  # type: ignore[no-untyped-def]
+    """A tiny random Qwen3.5 (the real vocabulary: ``<think>`` and ``</think>`` are single tokens, as the
+    reasoning budget needs) converted by llama.cpp's converter."""
+    from qwen35 import convert, make_qwen35
+    root = tmp_path_factory.mktemp("qwen35-eval")
+    model = make_qwen35(root / "model", 0, vision=False, mtp="none", text_only=True, logit_scale=50)
+    done = convert(model, root / "qwen35.gguf", "--no-mtp")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return root / "qwen35.gguf"
+
+
+def test_qwen35s_template_through_each_reasoning_path(tiny_qwen35_gguf: Path, tmp_path: Path) -> None:
+    """Qwen3.5's real template, which llama-server knows, on a random Qwen3.5 that never closes its think block:
+    auto reads it as thinking (the rendered prompt opens the block), the server returns the thinking apart
+    (reasoning_content) and the context ends each reply in its thinking: truncated there, not failed. A budget of 50
+    makes the server close the block after 50 tokens, and the reply is then cut in its 24-token answer; with
+    --reasoning-format none the thinking comes back in the content, without its opening tag, and is read the
+    same way; thinking off: no thinking at all."""
+    template = qwen35_template(tmp_path / "qwen35.jinja")
+    tests = ["ping", "factual_qa"]
+
+    def results(name: str, **given: object) -> list[dict]:
+        server = {"context": 1024, "parallel": 1, "chat_template": str(template), **given.pop("server", {})}
+        return suite_results(tiny_qwen35_gguf, tmp_path / f"{name}.log", tests=tests, server=server, **given)
+
+    auto = results("auto")
+    assert all(r["status"] == "truncated" and r["cut"] == "thinking" and r["thinking_tokens"] > 500
+               and r["answer_tokens"] == 0 and "2048 thinking tokens" in r["reason"] for r in auto), auto
+    for name, fmt in (("budget", {}), ("budget-unparsed", {"reasoning_format": "none"})):
+        budget = results(name, thinking=50, server=fmt)
+        # thinking tokens are the thinking's text tokenized again (/tokenize): within a token of what was generated
+        assert all(r["status"] == "truncated" and r["cut"] == "answer" and abs(r["thinking_tokens"] - 50) <= 2
+                   and r["thinking_tokens"] + r["answer_tokens"] == 50 + 24 for r in budget), (name, budget)
+    off = results("off", thinking="off")
+    assert all(r["thinking_tokens"] == 0 and r["cut"] == "answer" and r["reasoning_chars"] == 0 for r in off), off
+
+
 def test_adding_a_quant_evaluates_only_that_quant(evaluated: Workspace, tiny_llama: Path) -> None:
     evaluated.write_recipe("tiny", eval_recipe(tiny_llama, quants="[Q8_0, Q4_K_M]", ggufs="[Q8_0, Q4_K_M]"))
     again = evaluated.doit()

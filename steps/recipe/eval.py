@@ -41,6 +41,9 @@ SERVER = {                                          # llama-server's options; th
     "alias":            Field("any"),
     "chat_template":    Field("any"),               # a Jinja file, relative to the recipe
     "reasoning_budget": Field("any"),
+    "reasoning_format": Field("choice", choices=("auto", "none", "deepseek", "deepseek-legacy"),
+                              noun="reasoning format",
+                              hint="(auto/deepseek: thinking apart as reasoning_content; none: left in the content)"),
 }
 assert set(SERVER) == set(SERVER_DEFAULTS), "steps.server's options and the eval.server schema differ"
 
