@@ -49,7 +49,7 @@ def build(ctx: Context) -> None:
     gguf = stage.build_dir / rel
     made = ctx.upstream(dep.split(":", 1)[0])["outputs"].get(rel, {})
     tests = all_tests(params["categories"], params["tests"])
-    for noisy in ("httpx", "openai"):            # one INFO line per request otherwise
+    for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     options = {**params["server"]}
     if options.get("chat_template"):
@@ -264,7 +264,7 @@ class _Runner:
                              "tool_calls" if any(c.source == "tool_calls" for c in reply.all_calls()) else None)
             if grade.passed:
                 out["status"], out["reason"] = "pass", grade.reason
-            elif out["cut"]:
+            elif out["cut"] and not test.times_only:
                 where = "its thinking" if out["cut"] == "thinking" else "its answer"
                 out["status"] = "truncated"
                 out["reason"] = (f"cut by the cap ({cap} answer + {self.budget} thinking tokens) in {where}; "

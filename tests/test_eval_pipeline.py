@@ -49,6 +49,7 @@ def evaluated(workspace: Workspace, tiny_llama: Path, llama_cpp) -> Workspace:  
     first = workspace.doit()
     assert "eval:tiny-Q8_0" in first.executed
     assert servers() <= before, "a llama-server outlived the build"
+    assert "HTTP Request" not in first.output, "the HTTP client logs every request"
     return workspace
 
 

@@ -33,6 +33,7 @@ class Thinker:
     inline: bool = False
     unparsed: bool = False
     seconds: float = 0.0
+    delays: list[float] = field(default_factory=list)    # per request, before ``seconds``
     requests: list[dict[str, Any]] = field(default_factory=list)
     at_once: int = 0
     most_at_once: int = 0
@@ -51,7 +52,9 @@ class Thinker:
             self.requests.append(body)
             self.at_once += 1
             self.most_at_once = max(self.most_at_once, self.at_once)
-        time.sleep(self.seconds)
+        with self.lock:
+            delay = self.delays.pop(0) if self.delays else self.seconds
+        time.sleep(delay)
         with self.lock:
             self.at_once -= 1
         enabled = (body.get("chat_template_kwargs") or {}).get("enable_thinking", True)
@@ -196,6 +199,20 @@ def test_repeatable_sends_one_request_at_a_time(stand_in: tuple[str, Thinker]) -
     assert model.most_at_once == 1 and len(model.requests) >= 4
     run(url, ids, thinking="off", server={"parallel": 4}, repeatable=False)
     assert model.most_at_once > 1
+
+
+def test_a_timed_test_cut_by_its_cap_is_graded_on_its_timings(stand_in: tuple[str, Thinker]) -> None:
+    """throughput_consistency reads only the timings: its replies run to the cap by design, and a rate that varies
+    is a failure, not a truncation."""
+    url, model = stand_in
+    model.thinks, model.answer = 0, " ".join(["word"] * 300)
+    model.delays = [0.1, 0.4, 0.1]
+    varied = run(url, ["throughput_consistency"], thinking="off")["throughput_consistency"]
+    assert varied["finish_reason"] == "length" and varied["status"] == "fail", varied
+    assert "varies more than" in varied["reason"]
+    model.seconds = 0.2
+    steady = run(url, ["throughput_consistency"], thinking="off")["throughput_consistency"]
+    assert steady["status"] == "pass", steady
 
 
 def test_a_reply_cut_in_its_answer_is_truncated_and_a_wrong_whole_answer_fails(stand_in: tuple[str, Thinker]) -> None:

@@ -447,6 +447,8 @@ NEEDS_NODE = pytest.mark.skipif(shutil.which("node") is None, reason="node is no
 def test_grader(test_id: str, reply: Reply, passes: bool, fragment: str) -> None:
     grade = TESTS[test_id].grade(reply)
     assert (grade.passed, fragment in grade.reason) == (passes, True), grade.reason
+    if test_id != "throughput_consistency":      # the one reason that quotes a measurement (tokens/s)
+        assert not re.search(r"\d\.\d+ ?s\b", grade.reason), f"a timing in the reason: {grade.reason}"
 
 
 def test_every_test_has_a_passing_and_a_failing_reply() -> None:
@@ -939,6 +941,8 @@ REALISTIC: list[tuple[str, Reply, bool, str]] = [
 def test_realistic_replies(test_id: str, reply: Reply, passes: bool, fragment: str) -> None:
     grade = TESTS[test_id].grade(reply)
     assert (grade.passed, fragment in grade.reason) == (passes, True), grade.reason
+    if test_id != "throughput_consistency":      # the one reason that quotes a measurement (tokens/s)
+        assert not re.search(r"\d\.\d+ ?s\b", grade.reason), f"a timing in the reason: {grade.reason}"
 
 
 def test_pytest_is_installed_with_the_project_not_only_its_tests() -> None:

@@ -232,7 +232,9 @@ class Script:
 class Test:
     """One capability test. ``messages``: the conversation, or a function of the Options that builds it.
     ``repeats``: the request is sent that many times (``reply.runs``); ``stream``: sent with SSE streaming;
-    ``solo``: timed, so run while no other request is in flight; ``script``: a multi-turn conversation."""
+    ``solo``: timed, so run while no other request is in flight; ``script``: a multi-turn conversation;
+    ``times_only``: the grader reads the timings, not the answer, so a reply the cap cut is graded as it is (never
+    "truncated")."""
     __test__ = False  # not a pytest test class
     id: str
     category: str
@@ -246,6 +248,7 @@ class Test:
     stream: bool = False
     solo: bool = False
     script: Script | None = None
+    times_only: bool = False
 
     def conversation(self, options: Options) -> list[Message]:
         return list(self.messages(options) if callable(self.messages) else self.messages)

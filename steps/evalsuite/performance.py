@@ -41,4 +41,4 @@ def _steady(reply: Reply) -> Grade:
 
 register(Test("throughput_consistency", "performance",
               [{"role": "user", "content": "Write about 150 words on how rivers shape the land."}], _steady,
-              max_tokens=128, repeats=3, solo=True))
+              max_tokens=128, repeats=3, solo=True, times_only=True))

@@ -356,11 +356,15 @@ def _pytest(tests: str, implementation: str) -> Any:
     return sandbox("pytest", {"leap.py": implementation, "test_leap.py": tests}, _PYTEST_ARGS)
 
 
+_PYTEST_SECONDS = re.compile(r" in \d+(?:\.\d+)?s(?: \(\d+:\d\d:\d\d\))?")
+
+
 def _summary(result: Any) -> str:
     if result.timed_out:
         return "timed out"
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
-    return clip(lines[-1]) if lines else f"exit {result.returncode}"
+    # pytest's closing line without its duration ("1 failed in 0.03s"): eval.json holds no timing
+    return clip(_PYTEST_SECONDS.sub("", lines[-1])) if lines else f"exit {result.returncode}"
 
 
 def _unit_tests(reply: Reply) -> Grade:
