@@ -192,14 +192,20 @@ class _Runner:
         /apply-template; None from a server without it). llama-server turns thinking on only for templates whose
         format it knows, so the rendered prompt, not the template's source, says whether the model thinks."""
         import urllib.error
-        import urllib.request
-        body = json.dumps({"messages": [{"role": "user", "content": "Hello"}], **self.extra_body()}).encode()
-        request = urllib.request.Request(f"{self.url}/apply-template", body, {"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=self.params["timeout_s"]) as resp:
-                return str(json.loads(resp.read()).get("prompt") or "")
+            answer = self._post("/apply-template", {"messages": [{"role": "user", "content": "Hello"}],
+                                                    **self.extra_body()})
         except (urllib.error.URLError, OSError, ValueError):
             return None
+        return str(answer.get("prompt") or "")
+
+    def _post(self, path: str, payload: dict[str, Any]) -> Any:
+        """llama-server's JSON answer to a POST of ``payload`` to ``path`` (its endpoints beside the OpenAI API)."""
+        import urllib.request
+        request = urllib.request.Request(f"{self.url}{path}", json.dumps(payload).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=self.params["timeout_s"]) as resp:
+            return json.loads(resp.read())
 
     def thinking_used(self) -> dict[str, Any]:
         """What eval.json says of thinking: the setting, whether the template thinks (auto), the budget given,
@@ -231,11 +237,7 @@ class _Runner:
         """Tokens of ``text`` in the served model's vocabulary (llama-server's /tokenize)."""
         if not text:
             return 0
-        import urllib.request
-        body = json.dumps({"content": text, "add_special": False}).encode()
-        request = urllib.request.Request(f"{self.url}/tokenize", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=self.params["timeout_s"]) as resp:
-            return len(json.loads(resp.read())["tokens"])
+        return len(self._post("/tokenize", {"content": text, "add_special": False})["tokens"])
 
     def draw(self, test: Test, seed: int) -> dict[str, Any]:
         """One draw of a test: its status (steps.evalsuite.scores), reason, and what the reply spent."""
