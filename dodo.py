@@ -211,10 +211,10 @@ def task_gc():  # type: ignore[no-untyped-def]
                         "help": "recent store entries kept per stage besides the current ones (MERGEFORGE_GC_KEEP)"}]}
 
 
-def _publish(recipe: Recipe, dry_run: bool) -> TaskFailed | None:
+def _publish(recipe: Recipe, dry_run: bool, force: bool) -> TaskFailed | None:
     from steps.publish import publish
     try:
-        for line in publish(recipe, dry_run=dry_run):
+        for line in publish(recipe, dry_run=dry_run, force=force):
             print(line)
     except MergeforgeError as exc:
         return TaskFailed(user_message(exc))
@@ -235,4 +235,6 @@ def task_publish():  # type: ignore[no-untyped-def]
             yield {"name": recipe.name, "actions": [(_publish, [recipe])], "task_dep": needs(recipe),
                    "uptodate": [False], "verbosity": 2, "doc": f"publish:{recipe.name}",
                    "params": [{"name": "dry_run", "long": "dry-run", "type": bool, "default": False,
-                               "help": "print what would be uploaded and skipped; upload nothing"}]}
+                               "help": "print what would be uploaded and skipped; upload nothing"},
+                              {"name": "force", "long": "force", "type": bool, "default": False,
+                               "help": "publish GGUFs that fail the recipe's gates: (the model card says which)"}]}

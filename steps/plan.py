@@ -54,8 +54,10 @@ def plan(recipe: Recipe) -> list[Stage]:
     gathered = tuple(st.id for st in stages if st.kind in ("bench", "eval"))
     if gathered:
         merged = [v for v, _, _ in variants(recipe)]
-        stages.append(Stage("scoreboard", n, recipe,
-                            {"variants": [v for v, _ in source_variants(recipe)] + merged, "compare": merged},
+        board = {"variants": [v for v, _ in source_variants(recipe)] + merged, "compare": merged}
+        if recipe.gates is not None:
+            board["gates"] = recipe.gates
+        stages.append(Stage("scoreboard", n, recipe, board,
                             deps=gathered, outputs=(C.SCOREBOARD, C.SCOREBOARD_MD)))
     return stages
 

@@ -14,7 +14,7 @@ rebuild). The transfer is huggingface_hub's upload API (HfApi.list_repo_tree for
 create_commit): one commit per large file, so an interrupted publish resumes where it stopped. The token is
 huggingface_hub's own (HF_TOKEN or `hf auth login`) and is never read or written here.
 
-    python -m steps.publish demo [--dry-run]     # what doit publish:demo runs
+    python -m steps.publish demo [--dry-run] [--force]     # what doit publish:demo runs
 """
 from __future__ import annotations
 
@@ -150,11 +150,74 @@ def git_sha1(path: Path) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+# ------------------------------------------------------------------------------------------------- gates
+
+def gate_failures(recipe: Recipe, scoreboard: dict[str, Any] | None,
+                  manifests: dict[str, dict[str, Any]]) -> tuple[list[str], dict[str, list[dict[str, Any]]]]:
+    """The recipe's gates against each GGUF the publish uploads (publish.quants of the published variant), from
+    scoreboard.json: (one line per gate a GGUF fails or that was not measured for it, each GGUF file's gate
+    results). A scoreboard made with other gates, or from other bytes than the GGUF built now, is not trusted:
+    its line says to rebuild it. Pure."""
+    from steps.scoreboard import gate_text
+    assert recipe.publish is not None
+    if not recipe.gates or "gguf" not in recipe.publish:
+        return [], {}
+    n, v = recipe.name, chosen(recipe)[0]
+    rebuild = f"run `doit scoreboard:{n}` (`doit publish:{n}` builds it first)"
+    if scoreboard is None:
+        return [f"publish:{n}: no {C.SCOREBOARD} to check the gates against; {rebuild}"], {}
+    if scoreboard.get("gates") != recipe.gates:
+        return [f"publish:{n}: {C.SCOREBOARD} was made with other gates than the recipe's; {rebuild}"], {}
+    outtype = recipe.gguf["outtype"].upper()
+    rows = {(r["variant"], r["type"]): r for r in scoreboard.get("models", [])}
+    lines: list[str] = []
+    results: dict[str, list[dict[str, Any]]] = {}
+    for q in recipe.publish["quants"]:
+        qtype = "base" if q == outtype else q
+        made = f"convert:{v}" if qtype == "base" else f"quantize:{v}-{q}"
+        built = manifests.get(made, {})
+        row = rows.get((v, qtype))
+        if row is None or "gates" not in row:
+            file = built.get("main") or next(iter(built.get("outputs", {})), f"{v}-{q}.gguf")
+            measure = (f"add {q} to eval.ggufs" if any(g in recipe.gates for g in ("score_min", "category_min"))
+                       else "give the recipe a bench: block")
+            lines.append(f"publish:{n}: {file} has no row in {C.SCOREBOARD}, so no gate was measured for it; "
+                         f"{measure}, or leave it out of publish.quants")
+            continue
+        placed = built.get("outputs", {}).get(row["file"], {}).get("digest")
+        if row.get("digest") and placed and row["digest"] != placed:
+            lines.append(f"publish:{n}: {C.SCOREBOARD} scored other bytes than {row['file']} holds now; {rebuild}")
+            continue
+        results[row["file"]] = row["gates"]
+        for r in row["gates"]:
+            if r["passed"] is False:
+                lines.append(f"publish:{n}: {row['file']} fails gate {gate_text(r)}")
+            elif r["passed"] is None:
+                measured_by = "the eval" if r["gate"].startswith(("score", "category")) else "the bench"
+                lines.append(f"publish:{n}: {row['file']}: gate {r['gate']} was not measured by {measured_by}"
+                             + (f"; add {q} to eval.ggufs" if measured_by == "the eval" else ""))
+    return lines, results
+
+
+def _gates_section(results: dict[str, list[dict[str, Any]]], forced: list[str]) -> list[str]:
+    from steps.scoreboard import gate_text
+    out = ["## Gates", "", "The recipe's bar for publishing each GGUF, checked against the build's scoreboard.json:",
+           ""]
+    for file, gates in results.items():
+        bad = [gate_text(r) for r in gates if r["passed"] is not True]
+        out.append(f"- `{file}`: " + ("passes every gate" if not bad else "**fails** " + "; ".join(bad)))
+    if forced:
+        out += ["", "**Published with `--force` although it did not clear its gates:**", "",
+                *(f"- {line.split(': ', 1)[1]}" for line in forced)]
+    return [*out, ""]
+
+
 # ------------------------------------------------------------------------------------------------- model card
 
 def model_card(recipe: Recipe, kind: str, *, lock: dict[str, Any], scoreboard: dict[str, Any] | None,
                llama_cpp: str | None, files: list[str], recipe_text: str, mergeforge: str,
-               heal: dict[str, Any] | None = None) -> str:
+               heal: dict[str, Any] | None = None, gates: dict[str, list[dict[str, Any]]] | None = None,
+               forced: list[str] | None = None) -> str:
     """The README.md of a published repository (kind "model" or "gguf"): the Hub's YAML front matter (base models,
     relation, library, tags, license) and a body with the sources and their revisions, the merge block, the heal
     settings, the GGUF table with sizes, PPL and KLD, the llama.cpp version and how to rebuild. Pure."""
@@ -194,6 +257,8 @@ def model_card(recipe: Recipe, kind: str, *, lock: dict[str, Any], scoreboard: d
                     f"({heal.get('tokens_trained', 0)} tokens).", ""]
     if kind == "gguf":
         out += _gguf_table(files, scoreboard, v)
+        if gates or forced:
+            out += _gates_section(gates or {}, forced or [])
     else:
         out += ["## Files", "", *(f"- `{f}`" for f in files), ""]
     out += _rebuild(recipe, sources, recipe_text)
@@ -369,8 +434,11 @@ def _llama_cpp(recipe: Recipe, stages: list[Stage], scoreboard: dict[str, Any] |
     return None
 
 
-def publish(recipe: Recipe, *, api: Any = None, dry_run: bool = False) -> list[str]:
-    """Plan and upload a recipe's publish: block; returns the lines to print."""
+def publish(recipe: Recipe, *, api: Any = None, dry_run: bool = False, force: bool = False) -> list[str]:
+    """Plan and upload a recipe's publish: block; returns the lines to print. A GGUF that fails one of the
+    recipe's gates (or whose gate was not measured) stops the publish, dry run or not, before anything is
+    uploaded: a StepFailed with one line per gate. ``force`` publishes anyway, and the GGUF card says which gate
+    failed."""
     from steps.hub import Sha256Cache
     from steps.files import read_json
     assert recipe.publish is not None
@@ -381,7 +449,8 @@ def publish(recipe: Recipe, *, api: Any = None, dry_run: bool = False) -> list[s
     stages = plan(recipe)
     build_dir = stages[0].build_dir
     staging = build_dir / STAGING_DIR
-    files = plan_files(recipe, _manifests(recipe), build_dir)
+    manifests = _manifests(recipe)
+    files = plan_files(recipe, manifests, build_dir)
     try:
         lock = read_json(build_dir / C.LOCK_FILE)
     except (OSError, ValueError):
@@ -390,13 +459,18 @@ def publish(recipe: Recipe, *, api: Any = None, dry_run: bool = False) -> list[s
         scoreboard: dict[str, Any] | None = read_json(build_dir / C.SCOREBOARD)
     except (OSError, ValueError):
         scoreboard = None
+    refused, gates = gate_failures(recipe, scoreboard, manifests)
+    if refused and not force:
+        raise StepFailed("\nmergeforge: ".join([*refused, f"publish:{recipe.name}: nothing uploaded; improve the "
+                         "model, change the recipe's gates:, or pass --force to publish anyway (the GGUF card says "
+                         "so)"]))
     if "gguf" in spec:
         ggufs = files[spec["gguf"]]
         for f in to_split(ggufs, spec["split_bytes"]):
             ggufs[ggufs.index(f):ggufs.index(f) + 1] = split(f, spec["split_bytes"], staging)
     digests = Sha256Cache(store_root() / "sha256cache.json")
     llama_cpp = _llama_cpp(recipe, stages, scoreboard)
-    lines = []
+    lines = [f"publish: --force: {line.split(': ', 1)[1]}" for line in refused]
     for kind in ("model", "gguf"):
         if kind not in spec:
             continue
@@ -405,7 +479,8 @@ def publish(recipe: Recipe, *, api: Any = None, dry_run: bool = False) -> list[s
         card = model_card(recipe, kind, lock=lock, scoreboard=scoreboard, llama_cpp=llama_cpp,
                           files=[f.path_in_repo for f in files[repo]], recipe_text=recipe.file.read_text(),
                           mergeforge=package_version("mergeforge"),
-                          heal=json.loads(heal_target.read_text()).get("heal") if heal_target.exists() else None)
+                          heal=json.loads(heal_target.read_text()).get("heal") if heal_target.exists() else None,
+                          gates=gates, forced=refused)
         card_path = staging / kind / "README.md"
         card_path.parent.mkdir(parents=True, exist_ok=True)
         card_path.write_text(card)
@@ -426,5 +501,6 @@ def publish(recipe: Recipe, *, api: Any = None, dry_run: bool = False) -> list[s
 if __name__ == "__main__":
     from steps.plan import find
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for line in publish(find(f"fetch:{sys.argv[1]}").recipe, dry_run="--dry-run" in sys.argv):
+    for line in publish(find(f"fetch:{sys.argv[1]}").recipe, dry_run="--dry-run" in sys.argv,
+                        force="--force" in sys.argv):
         print(line)

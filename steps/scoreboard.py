@@ -65,9 +65,71 @@ def build(ctx: Context) -> None:
              "models": sorted(rows, key=lambda r: (names.index(r["variant"]), r["type"] != "base")),
              "by_digest": {r["digest"]: {"variant": r["variant"], "type": r["type"], "file": r["file"]}
                            for r in rows if "digest" in r}}
+    if stage.params.get("gates"):
+        board["gates"] = stage.params["gates"]
+        judge(board)
     board["chart"] = C.SCOREBOARD_PNG if chart(board, ctx.out / C.SCOREBOARD_PNG) else None
     (ctx.out / C.SCOREBOARD).write_text(json.dumps(board, indent=1) + "\n")
     (ctx.out / C.SCOREBOARD_MD).write_text(markdown(board))
+
+
+def judge(board: dict[str, Any]) -> None:
+    """Each row's ``gates``: every gate of the recipe that applies to it, with its figure, the threshold and
+    ``passed`` (None: the figure was not measured, which a publish treats as not passed). PPL ratio, KLD and the
+    same-top rate apply to quants (the unquantized GGUF is what they are measured against); the scores to every
+    GGUF, once evaluated. ``shippable``: every applicable gate measured and passed."""
+    gates = board["gates"]
+    by = {(r["variant"], r["type"]): r for r in board["models"]}
+    for row in board["models"]:
+        base = by.get((row["variant"], "base"), {})
+        results = []
+        for gate, threshold in gates.items():
+            if gate in ("ppl_ratio_max", "kld_mean_max", "same_top_min") and row["type"] == "base":
+                continue
+            if gate == "category_min":
+                for category, minimum in threshold.items():
+                    c = ((row.get("eval") or {}).get("categories") or {}).get(category)
+                    results.append(_gate(f"category_min.{category}", c["passed"] if c else None, minimum, low=True))
+                continue
+            figure = None
+            if gate == "ppl_ratio_max" and row.get("ppl") is not None and base.get("ppl"):
+                figure = round(row["ppl"] / base["ppl"], 6)
+            elif gate == "kld_mean_max":
+                figure = row.get("kld_mean")
+            elif gate == "same_top_min":
+                figure = row.get("same_top_p_percent")
+            elif gate == "score_min" and row.get("eval") and row["eval"].get("total"):
+                figure = round(100 * row["eval"]["passed"] / row["eval"]["total"], 2)
+            results.append(_gate(gate, figure, threshold, low=gate.endswith("_min")))
+        row["gates"] = results
+        row["shippable"] = all(r["passed"] is True for r in results)
+
+
+def _gate(gate: str, figure: float | None, threshold: float, *, low: bool) -> dict[str, Any]:
+    passed = None if figure is None else (figure >= threshold if low else figure <= threshold)
+    return {"gate": gate, "figure": figure, "threshold": threshold, "passed": passed}
+
+
+GATE_FIGURES = {"ppl_ratio_max": "PPL ratio", "kld_mean_max": "KLD", "same_top_min": "same top token %",
+                "score_min": "tests passed %", "category_min": "tests passed"}
+
+
+def gate_text(result: dict[str, Any]) -> str:
+    """One gate's outcome in words: "kld_mean_max: KLD 0.0312 > 0.01", "score_min: not measured"."""
+    gate = result["gate"]
+    if result["passed"] is None:
+        return f"{gate}: not measured"
+    op = (">=" if result["passed"] else "<") if gate.split(".")[0].endswith("_min") else \
+        ("<=" if result["passed"] else ">")
+    what = GATE_FIGURES[gate.split(".")[0]] + (f" in {gate.split('.', 1)[1]}" if "." in gate else "")
+    return f"{gate}: {what} {result['figure']:g} {op} {result['threshold']:g}"
+
+
+def _gate_cell(row: dict[str, Any] | None) -> str:
+    if not row or "gates" not in row:
+        return "–"
+    bad = [gate_text(r) for r in row["gates"] if r["passed"] is not True]
+    return "pass" if not bad else "**fails** " + "; ".join(bad)
 
 
 def markdown(board: dict[str, Any]) -> str:
@@ -114,6 +176,12 @@ def markdown(board: dict[str, Any]) -> str:
                 a, b = reports[delta[0]], reports[delta[1]]
                 cells.append(f"{b[key] - a[key]:+.1f}" if a and b and None not in (a.get(key), b.get(key)) else "–")
             lines.append(f"| {_type_label(qtype)} {text} | " + " | ".join(cells) + " |")
+    if board.get("gates"):
+        for qtype in types:
+            rows = {v: by.get((v, qtype)) for v in names}
+            if any(r and r.get("gates") for r in rows.values()):
+                lines.append(f"| {_type_label(qtype)} gates | " + " | ".join(_gate_cell(rows[v]) for v in names)
+                             + (" | |" if delta else " |"))
     chart = f"\n![score and KLD against file size]({C.SCOREBOARD_PNG})\n" if board.get("chart") else ""
     return f"# {board['recipe']}: scoreboard\n\n" + "\n".join(lines) + "\n" + chart
 

@@ -240,7 +240,7 @@ def recipe_schema() -> dict[str, object]:
     a dict of key -> sub-schema, a one-element list for a list of such entries, None for a value."""
     from steps import methods
     from steps.recipe import TOP_KEYS
-    from steps.recipe.blocks import BENCH, GGUF, IMATRIX, PUBLISH_KEYS, QUANT_KEYS
+    from steps.recipe.blocks import BENCH, GATES, GGUF, IMATRIX, PUBLISH_KEYS, QUANT_KEYS
     from steps.recipe.eval import EVAL, SERVER
     from steps.recipe.heal import DATA, HEAL, LORA, TRAIN
     from steps.recipe.merge import MERGE_KEYS, SLICE_KEYS, SLICE_SOURCE_KEYS
@@ -260,6 +260,7 @@ def recipe_schema() -> dict[str, object]:
         "heal": {**leaves(HEAL), "lora": leaves(LORA), "train": leaves(TRAIN), "data": [leaves(DATA)]},
         "eval": {**leaves(EVAL), "server": leaves(SERVER)},
         "publish": leaves(PUBLISH_KEYS),
+        "gates": {**leaves(GATES), "category_min": {ANY: None}},
     }
     assert set(schema) == set(TOP_KEYS)
     return schema
@@ -282,8 +283,8 @@ def unknown_keys(value: object, schema: object, path: str) -> Iterator[str]:
 
 
 YAML_BLOCK = re.compile(r"^```ya?ml\n(.*?)^```", re.M | re.S)
-DOTTED_KEY = re.compile(r"`((?:sources|merge|gguf|imatrix|quantize|heal|bench|eval|publish)(?:\.[a-z_]+|\[\d+\])+)"
-                        r"(?::[^`]*)?`")
+DOTTED_KEY = re.compile(r"`((?:sources|merge|gguf|imatrix|quantize|heal|bench|eval|publish|gates)"
+                        r"(?:\.[a-z_]+|\[\d+\])+)(?::[^`]*)?`")
 FILE_SUFFIXES = (".py", ".md", ".json", ".yaml", ".yml", ".txt", ".gguf", ".png", ".log")   # `merge.py` is a file
 
 

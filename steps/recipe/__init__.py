@@ -15,7 +15,7 @@ from typing import Any
 
 from steps.constants import NEEDS_IMATRIX
 from steps.errors import RecipeError
-from steps.recipe.blocks import BENCH, IMATRIX, _quantize, gguf_block, publish_block, text_block
+from steps.recipe.blocks import BENCH, IMATRIX, _quantize, gates_block, gguf_block, publish_block, text_block
 from steps.recipe.eval import validate as eval_block
 from steps.recipe.fields import Checker, Field, did_you_mean
 from steps.recipe.heal import validate as heal_block
@@ -29,7 +29,7 @@ __all__ = ["Checker", "Field", "Recipe", "RecipeError", "Source", "TEXT_CONFIGS"
            "discover", "load", "read_yaml", "recipe_files", "source_layer_count"]
 
 TOP_KEYS = ("name", "description", "sources", "merge", "gguf", "imatrix", "quantize", "heal", "bench", "eval",
-            "publish")
+            "publish", "gates")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Recipe:
     publish: dict[str, Any] | None = None                                   # the normalized publish: block
     eval: dict[str, Any] | None = None                                      # the normalized eval: block
     eval_files: dict[str, Path] = field(default_factory=dict)              # its chat template file, if any
+    gates: dict[str, Any] | None = None                                     # the gates: block (only gates given)
 
 
 def load(file: str | Path) -> Recipe:
@@ -98,8 +99,9 @@ def load(file: str | Path) -> Recipe:
     evals, eval_files = None, {}
     if "eval" in raw:
         evals, eval_files = eval_block(check, raw["eval"], base, quantize, gguf["outtype"], tuple(sources))
+    gates = gates_block(check, raw.get("gates"), bench=bench is not None, evals=evals)
     return Recipe(name, file, sources, merge, gguf, imatrix, quantize, bench, calibration, heldout, quant_specs,
-                  heal, heal_files, publish, evals, eval_files)
+                  heal, heal_files, publish, evals, eval_files, gates)
 
 
 RECIPE_SUFFIXES = (".yaml", ".yml")

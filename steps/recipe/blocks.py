@@ -163,3 +163,48 @@ def publish_block(check: Checker, value: Any, quantize: tuple[str, ...], gguf: d
                          f"{spec['license']!r}")
     return spec
 
+
+
+GATES = {   # the bar a GGUF must clear to be published; each figure as the scoreboard shows it
+    "ppl_ratio_max": Field("number", lo=0, lo_open=True),     # a quant's PPL over its unquantized GGUF's
+    "kld_mean_max":  Field("number", lo=0),                   # a quant's mean KL-divergence from the unquantized GGUF
+    "same_top_min":  Field("number", lo=0, hi=100),           # % of tokens where the quant's top token is the same
+    "score_min":     Field("number", lo=0, hi=100),           # % of the evaluated tests passed
+    "category_min":  Field("mapping"),                        # category -> tests passed in it
+}
+BENCH_GATES = ("ppl_ratio_max", "kld_mean_max", "same_top_min")
+EVAL_GATES = ("score_min", "category_min")
+
+
+def gates_block(check: Checker, value: Any, *, bench: bool, evals: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The gates: block: only the gates given (each needs the block that measures its figure: bench: for PPL, KLD
+    and the same-top rate, eval: for the scores); category_min's names must be categories the eval runs."""
+    if value is None:
+        return None
+    spec = {k: v for k, v in check.block(value, "gates", GATES, fill=False).items() if v is not None}
+    if not spec:
+        raise check.fail("gates", f"expected at least one gate: {', '.join(GATES)}")
+    for key in spec:
+        if key in BENCH_GATES and not bench:
+            raise check.fail(f"gates.{key}", "needs a bench: block (held-out text for PPL and KLD) to measure it; "
+                             "add one, or remove the gate")
+        if key in EVAL_GATES and evals is None:
+            raise check.fail(f"gates.{key}", "needs an eval: block (the capability suite) to measure it; add one, "
+                             "or remove the gate")
+    if "category_min" in spec:
+        from steps.evalsuite import all_tests
+        assert evals is not None
+        run = {t.category: 0 for t in all_tests(evals["categories"], evals["tests"])}
+        for t in all_tests(evals["categories"], evals["tests"]):
+            run[t.category] += 1
+        if not spec["category_min"]:
+            raise check.fail("gates.category_min", "expected a mapping of categories to the tests each must pass, "
+                             "e.g. {tools: 5}")
+        for name, minimum in spec["category_min"].items():
+            where = f"gates.category_min.{name}"
+            if name not in run:
+                raise check.fail(where, f"{name!r} is not a category the eval runs{did_you_mean(str(name), list(run))}"
+                                 f"; one of {', '.join(run)}")
+            check.value(Field("int", lo=0, hi=run[name], what=f"a number of tests from 0 to {run[name]} (the "
+                              f"eval runs {run[name]} {name} tests)"), minimum, where)
+    return spec
