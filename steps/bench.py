@@ -166,7 +166,7 @@ def _row(name: str, ctx: Context, values: dict[str, Any]) -> dict[str, Any]:
 def estimate_bytes(stage: Stage, inputs: dict[str, dict[str, Any]]) -> int:
     """llama-perplexity's saved log-probabilities, the base's and a quant's: chunks x context/2 x vocabulary x 2
     bytes each."""
-    config = read_json(stage.build_dir / C.MERGED_DIR / "config.json")
+    config = read_json(next(stage.build_dir.glob(f"{C.MERGED_DIR}*/config.json")))   # a sweep: any cell's
     vocab = int(config.get("vocab_size") or config["text_config"]["vocab_size"])
     context, chunks = int(stage.params["context"]), int(stage.params["chunks"])
     per_model = chunks * context * 4 + chunks * (context - 1 - context // 2) * (2 * ((vocab + 1) // 2) + 4) * 2

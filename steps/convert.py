@@ -217,7 +217,7 @@ def estimate_bytes(stage: Stage, inputs: dict[str, dict[str, Any]]) -> int:
     upstream = {dep.split(":", 1)[0]: m for dep, m in inputs.items()}
     made = upstream.get("merge") or upstream["heal"]
     merged = sum(int(i["size"]) for rel, i in made["outputs"].items()
-                 if rel.startswith((C.MERGED_DIR + "/", C.HEALED_DIR + "/")))
+                 if "/" in rel and rel.split("/", 1)[0].split("@")[0] in (C.MERGED_DIR, C.HEALED_DIR))
     return int(merged * {"f32": 2.0, "q8_0": 0.6}.get(str(stage.params.get("outtype")), 1.0))
 
 

@@ -68,9 +68,87 @@ def build(ctx: Context) -> None:
     if stage.params.get("gates"):
         board["gates"] = stage.params["gates"]
         judge(board)
+    if stage.params.get("cells"):
+        board["rank"] = stage.params["rank"]
+        board["cells"] = rank_cells(board, stage.params["cells"], stage.params["rank"])
     board["chart"] = C.SCOREBOARD_PNG if chart(board, ctx.out / C.SCOREBOARD_PNG) else None
     (ctx.out / C.SCOREBOARD).write_text(json.dumps(board, indent=1) + "\n")
     (ctx.out / C.SCOREBOARD_MD).write_text(markdown(board))
+
+
+def rank_cells(board: dict[str, Any], cells: list[dict[str, Any]], rank: dict[str, Any]) -> list[dict[str, Any]]:
+    """A sweep's cells, each with its settings, the figures of its ranked GGUF (``rank.gguf`` of ``rank.variant``)
+    and its ``rank`` (1 = best) by ``rank.by`` in order: the score higher, PPL, KLD and size lower; a figure not
+    measured ranks last. Cells equal on every figure share a rank. Each cell's score is compared with the best
+    cell's (``vs_best``: the difference in points with its 95 % interval, ``within_noise`` when it holds 0)."""
+    from steps.evalsuite.scores import difference
+    by = {(r["variant"], r["type"]): r for r in board["models"]}
+    found = []
+    for cell in cells:
+        bench = by.get((cell.get("bench"), cell["type"]), {})
+        scored = (by.get((cell.get("eval"), cell["type"])) or {}).get("eval")
+        figures: dict[str, Any] = {"ppl": bench.get("ppl"), "kld": bench.get("kld_mean"),
+                                   "size": bench.get("size") or (by.get((cell.get("eval"), cell["type"])) or {})
+                                   .get("size")}
+        if scored:
+            figures["score"] = {k: scored.get(k) for k in ("passed", "total", "rate", "interval")}
+            figures["categories"] = {c: {"passed": t["passed"], "total": t["total"]}
+                                     for c, t in scored["categories"].items()}
+        row = {"name": cell["name"], "settings": cell["settings"], "gguf": cell["gguf"],
+               "variant": cell.get("eval") or cell.get("bench"), **figures}
+        row["_tally"] = scored
+        found.append(row)
+
+    def order(row: dict[str, Any]) -> tuple[float, ...]:
+        inf = float("inf")
+        keys = []
+        for figure in rank["by"]:
+            if figure == "score":
+                rate = (row.get("score") or {}).get("rate")
+                keys.append(-rate if rate is not None else inf)
+            else:
+                keys.append(row[figure] if row.get(figure) is not None else inf)
+        return tuple(keys)
+
+    ranked = sorted(found, key=order)
+    for i, row in enumerate(ranked):
+        row["rank"] = ranked[i - 1]["rank"] if i and order(row) == order(ranked[i - 1]) else i + 1
+    best = ranked[0]["_tally"]
+    for row in found:
+        d = difference(best, row["_tally"]) if best and row["_tally"] and row["rank"] != 1 else None
+        row["vs_best"] = d
+    for row in found:
+        del row["_tally"]
+    return sorted(found, key=lambda r: r["rank"])
+
+
+def _cells_markdown(board: dict[str, Any]) -> list[str]:
+    """The cells side by side, best first: rank, settings, score with interval (and how far from the best, marked
+    within noise when the difference's interval holds 0), each category, PPL, KLD and size."""
+    cells = board["cells"]
+    rank = board["rank"]
+    paths = list(dict.fromkeys(p for c in cells for p in c["settings"]))
+    categories = list(dict.fromkeys(k for c in cells for k in c.get("categories") or {}))
+    header = ["rank", "cell", *paths, "score", "vs best", *categories, "PPL", "KLD", "size (MB)"]
+    lines = ["", f"## Cells: {rank['gguf']} of the {rank['variant']} model, ranked by {', '.join(rank['by'])}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for c in cells:
+        s = c.get("score")
+        score = "–"
+        if s and s.get("rate") is not None:
+            low, high = s["interval"]
+            score = f"{s['passed']}/{s['total']} ({100 * s['rate']:.0f} %, {100 * low:.0f}-{100 * high:.0f})"
+        d = c.get("vs_best")
+        versus = "**best**" if c["rank"] == 1 else (
+            f"{100 * d['delta']:+.0f} pts" + (" (within noise)" if d["within_noise"] else "") if d else "–")
+        cats = [f"{t['passed']}/{t['total']}" if (t := (c.get("categories") or {}).get(k)) else "–"
+                for k in categories]
+        values = [json.dumps(c["settings"][p]) if p in c["settings"] else "(recipe)" for p in paths]
+        lines.append("| " + " | ".join([str(c["rank"]), c["name"], *values, score, versus, *cats,
+                                        f"{c['ppl']:.3f}" if c.get("ppl") is not None else "–",
+                                        f"{c['kld']:.5f}" if c.get("kld") is not None else "–",
+                                        f"{c['size'] / 1e6:.0f}" if c.get("size") else "–"]) + " |")
+    return lines
 
 
 def judge(board: dict[str, Any]) -> None:
@@ -182,6 +260,8 @@ def markdown(board: dict[str, Any]) -> str:
             if any(r and r.get("gates") for r in rows.values()):
                 lines.append(f"| {_type_label(qtype)} gates | " + " | ".join(_gate_cell(rows[v]) for v in names)
                              + (" | |" if delta else " |"))
+    if board.get("cells"):
+        lines += _cells_markdown(board)
     chart = f"\n![score and KLD against file size]({C.SCOREBOARD_PNG})\n" if board.get("chart") else ""
     return f"# {board['recipe']}: scoreboard\n\n" + "\n".join(lines) + "\n" + chart
 
@@ -322,7 +402,7 @@ def chart(board: dict[str, Any], dest: Path) -> bool:
 def _label(recipe: str, variant: str) -> str:
     if variant == recipe:
         return "raw merge"
-    rest = variant.removeprefix(recipe)
+    rest = variant.removeprefix(recipe).lstrip("@")
     return f"source {rest.removeprefix(C.SOURCE_INFIX)}" if rest.startswith(C.SOURCE_INFIX) else rest.lstrip("-")
 
 

@@ -50,6 +50,7 @@ class Stage:
     deps: tuple[str, ...] = ()                  # upstream stage ids
     files: dict[str, Path] = field(default_factory=dict)   # small input files hashed into the key
     outputs: tuple[str, ...] = ()               # artifact paths (relative to build_dir) known before running
+    cell: str = ""                              # in a sweep (matrix:): the settings this stage is built for
 
     @property
     def id(self) -> str:

@@ -243,6 +243,7 @@ def recipe_schema() -> dict[str, object]:
     from steps.recipe.blocks import BENCH, GATES, GGUF, IMATRIX, PUBLISH_KEYS, QUANT_KEYS
     from steps.recipe.eval import EVAL, SERVER
     from steps.recipe.heal import DATA, HEAL, LORA, TRAIN
+    from steps.recipe.matrix import RANK
     from steps.recipe.merge import MERGE_KEYS, SLICE_KEYS, SLICE_SOURCE_KEYS
     from steps.recipe.sources import SOURCE_KEYS
 
@@ -261,6 +262,7 @@ def recipe_schema() -> dict[str, object]:
         "eval": {**leaves(EVAL), "server": leaves(SERVER)},
         "publish": leaves(PUBLISH_KEYS),
         "gates": {**leaves(GATES), "category_min": {ANY: None}},
+        "matrix": {"rank": leaves(RANK), "exclude": [{ANY: None}], "include": [{ANY: None}], ANY: None},
     }
     assert set(schema) == set(TOP_KEYS)
     return schema

@@ -230,7 +230,8 @@ def heal_machine() -> dict[str, str]:
 def keyed_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
     """What a downstream key reads of a heal: the healed model only (its loss curve records tokens/s, which differ
     run to run, and must not make the healed variant stale)."""
-    return {rel: info for rel, info in outputs.items() if rel.startswith(C.HEALED_DIR + "/")}
+    return {rel: info for rel, info in outputs.items()
+            if "/" in rel and rel.split("/", 1)[0].split("@")[0] == C.HEALED_DIR}
 
 
 STAGE = Declaration(build=build, key_inputs=key_inputs, estimate_bytes=lambda stage, inputs: estimate_bytes(stage),

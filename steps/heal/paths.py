@@ -23,7 +23,9 @@ def work_dir(key: str) -> Path:
 
 
 def merged_dir(stage: Stage) -> Path:
-    return stage.build_dir / C.MERGED_DIR
+    """build/<recipe>/merged, or in a sweep the merged model of the cell's merge (``merged@<its settings>``)."""
+    merge = next((d.split(":", 1)[1] for d in stage.deps if d.startswith("merge:")), stage.recipe.name)
+    return stage.build_dir / (C.MERGED_DIR + merge[len(stage.recipe.name):])
 
 
 def _fail(stage: Stage, key: str, message: str) -> RecipeError:

@@ -17,17 +17,19 @@ if TYPE_CHECKING:
 
 
 def write_outputs(ctx: Context, final: Path, result: dict[str, Any]) -> None:
-    """adapter/, loss.json, loss.png and healed/ into the stage's output directory."""
-    adapter = ctx.out / "adapter"
+    """adapter/, loss.json, loss.png and healed/ into the stage's output directory (in a sweep's cell: adapter@<cell>/,
+    loss@<cell>.json, ...)."""
+    cell = f"@{ctx.stage.cell}" if ctx.stage.cell else ""
+    adapter = ctx.out / f"adapter{cell}"
     adapter.mkdir()
     shutil.copyfile(final / "adapter_model.safetensors", adapter / "adapter_model.safetensors")
     config = json.loads((final / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = C.MERGED_DIR        # build/<recipe>/merged, not this machine's path
+    config["base_model_name_or_path"] = merged_dir(ctx.stage).name   # build/<recipe>/merged, not this machine's path
     (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (ctx.out / "loss.json").write_text(json.dumps(result["losses"], indent=1) + "\n")
-    plot_loss(result["losses"], ctx.out / "loss.png", ctx.stage.id)
+    (ctx.out / f"loss{cell}.json").write_text(json.dumps(result["losses"], indent=1) + "\n")
+    plot_loss(result["losses"], ctx.out / f"loss{cell}.png", ctx.stage.id)
     shard_bytes = int(ctx.stage.recipe.merge.get("shard_bytes", C.DEFAULT_SHARD_BYTES))
-    write_healed(merged_dir(ctx.stage), adapter, ctx.out / getattr(C, "HEALED_DIR", "healed"), shard_bytes)
+    write_healed(merged_dir(ctx.stage), adapter, ctx.out / ctx.stage.outputs[0].split("/", 1)[0], shard_bytes)
 
 
 def plot_loss(losses: list[dict[str, Any]], dest: Path, title: str) -> None:

@@ -150,7 +150,7 @@ def build(ctx: Context) -> None:
             for m, name in t.inputs:
                 used[m].add(name)
         left_out = {m: sorted(set(models[m].reader.tensors) - used[m]) for m in models}
-        out = ctx.out / C.MERGED_DIR
+        out = ctx.out / stage.outputs[0].split("/", 1)[0]     # merged/ (in a sweep's cell: merged@<cell>/)
         out.mkdir()
         total = sum(t.nbytes for t in tensors)
         logger.info("merge %s (%s): %d tensors, %d layers, %.2f GB", stage.recipe.name, method_name, len(tensors),

@@ -9,7 +9,8 @@ block; blocks: gguf, imatrix, bench, quantize, publish; heal and eval: those blo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from steps.recipe.blocks import BENCH, IMATRIX, _quantize, gates_block, gguf_blo
 from steps.recipe.eval import validate as eval_block
 from steps.recipe.fields import Checker, Field, did_you_mean
 from steps.recipe.heal import validate as heal_block
+from steps.recipe.matrix import Cell, expand, rank_block
 from steps.recipe.merge import _merge
 from steps.recipe.reader import read_yaml
 from steps.recipe.sources import (MAX_NAME, NAME_RE, Source, _check_model_dir, _check_tokenizer, _missing_paths,
@@ -29,7 +31,7 @@ __all__ = ["Checker", "Field", "Recipe", "RecipeError", "Source", "TEXT_CONFIGS"
            "discover", "load", "read_yaml", "recipe_files", "source_layer_count"]
 
 TOP_KEYS = ("name", "description", "sources", "merge", "gguf", "imatrix", "quantize", "heal", "bench", "eval",
-            "publish", "gates")
+            "publish", "gates", "matrix")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,10 @@ class Recipe:
     eval: dict[str, Any] | None = None                                      # the normalized eval: block
     eval_files: dict[str, Path] = field(default_factory=dict)              # its chat template file, if any
     gates: dict[str, Any] | None = None                                     # the gates: block (only gates given)
+    cells: tuple[tuple[Cell, Recipe], ...] = ()      # a sweep (matrix:): each cell and its recipe; self is the first
+    rank: dict[str, Any] | None = None               # matrix.rank, normalized
+    cell: Cell | None = None                         # in a cell's recipe: which cell it is
+    sweep: Any = field(default=None, compare=False, repr=False)   # in a cell's recipe: the sweep's whole recipe
 
 
 def load(file: str | Path) -> Recipe:
@@ -58,6 +64,38 @@ def load(file: str | Path) -> Recipe:
     check = Checker(file)
     raw = read_yaml(file)
     check.mapping(raw, "", TOP_KEYS)
+    if "matrix" not in raw:
+        return _load(check, raw, file)
+    if raw.get("publish") is not None:
+        raise check.fail("publish", "a sweep (matrix:) has no one model to publish; once the scoreboard ranks the "
+                         "cells, write the chosen cell's settings into a recipe without matrix: and publish that")
+    cells = []
+    for cell, text in expand(check, raw):
+        try:
+            cells.append((cell, replace(_load(check, text, file), cell=cell)))
+        except RecipeError as exc:
+            raise _cell_error(check, cell, exc) from None
+    first = cells[0][1]
+    heals = all(r.heal is not None for _, r in cells)
+    ggufs = [g for g in ([*(first.eval or {}).get("ggufs", [])] + list(first.quantize)
+                         + [first.gguf["outtype"].upper()])
+             if all(g in (*r.quantize, r.gguf["outtype"].upper()) for _, r in cells)]
+    rank = rank_block(check, raw["matrix"].get("rank"), heals=heals, ggufs=ggufs)
+    whole = replace(first, cells=tuple(cells), rank=rank, cell=None)
+    for _, recipe in cells:
+        object.__setattr__(recipe, "sweep", whole)      # frozen: set once, here, before anyone reads it
+    return whole
+
+
+def _cell_error(check: Checker, cell: Cell, exc: RecipeError) -> RecipeError:
+    """A cell's error, named by the matrix path whose value it refused (else by the matrix itself)."""
+    key = re.sub(r"\[(\d+)\]", r".\1", exc.key)
+    path = next((p for p in cell.settings if key == p or key.startswith(p + ".")), None)
+    where = f"matrix.{path}" if path else "matrix"
+    return check.fail(where, f"cell {cell.name}: {exc.key}: {exc.message}")
+
+
+def _load(check: Checker, raw: dict[str, Any], file: Path) -> Recipe:
     base = file.resolve().parent
     name = raw.get("name", file.stem)
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):

@@ -200,7 +200,7 @@ def _place(stage: Stage, done: Path, outputs: dict[str, Any], cache: StatCache) 
 
 def write_lock(stage: Stage) -> None:
     """build/<recipe>/lock.json: every artifact's digest and stage key, every source's revision."""
-    recipe = stage.recipe
+    recipe = stage.recipe.sweep or stage.recipe        # a sweep's cell: the lock covers the whole sweep
     build_dir = stage.build_dir
     artifacts: dict[str, Any] = {}
     sources: dict[str, Any] = {}

@@ -28,6 +28,7 @@ def stage_key(stage: Stage, cache: StatCache) -> tuple[str, dict[str, Any], dict
         "files": {role: cache.digest(path) for role, path in stage.files.items()},
         "extra": extra,
         "tools": stage.tools(),
+        **({"cell": stage.cell} if stage.cell else {}),   # a sweep's stage: its name and its files' names
     }
     return digest_value(material), material, inputs
 
