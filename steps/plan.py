@@ -159,12 +159,12 @@ def _sweep(recipe: Recipe) -> list[Stage]:
     board_cells = []
     variants: list[str] = [v for _, v in source_variants(recipe)]
     merged: list[str] = []
-    for cell, own in cells:
+    for (cell, own), (_, cell_recipe) in zip(cells, recipe.cells, strict=True):
         named = [final[(cell.name, st.id)] for st in own]
         for st in named:
             if st.kind in ("bench", "eval") and st.params["variant"] not in variants + merged:
                 (variants if C.SOURCE_INFIX in st.params["variant"] else merged).append(st.params["variant"])
-        board_cells.append({"name": cell.name, "settings": cell.settings, **_ranked(recipe, cell, own, named)})
+        board_cells.append({"name": cell.name, "settings": cell.settings, **_ranked(cell_recipe, own, named)})
     gathered = tuple(st.id for st in stages.values() if st.kind in ("bench", "eval"))
     ordered = list(stages.values())
     if gathered:
@@ -176,11 +176,13 @@ def _sweep(recipe: Recipe) -> list[Stage]:
     return ordered
 
 
-def _ranked(recipe: Recipe, cell: Any, own: list[Stage], named: list[Stage]) -> dict[str, Any]:
-    """Where the scoreboard finds a cell's figures: the variants its bench and eval of the ranked GGUF wrote."""
-    rank = recipe.rank or {}
+def _ranked(recipe: Recipe, own: list[Stage], named: list[Stage]) -> dict[str, Any]:
+    """Where the scoreboard finds a cell's figures: the variants its bench and eval of the ranked GGUF wrote
+    (``recipe``: the cell's)."""
+    rank = recipe.sweep.rank
     n = recipe.name
-    base = n + (C.HEALED_SUFFIX if rank.get("variant") == "healed" else "")
+    healed = rank["variant"] == "healed" or (rank["variant"] == "final" and recipe.heal is not None)
+    base = n + (C.HEALED_SUFFIX if healed else "")
     gguf = rank.get("gguf", "")
     outtype = recipe.gguf["outtype"].upper()
     found: dict[str, Any] = {"gguf": gguf, "type": "base" if gguf == outtype else gguf}

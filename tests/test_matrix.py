@@ -52,7 +52,7 @@ def test_cells_are_the_product_less_excludes_plus_includes(tmp_path: Path, tiny_
     assert steps == [2, 2, 4, 6]
     assert r.cells[1][1].merge["slices"][1]["sources"][0]["layer_range"] == [2, 4]
     assert r.cells[3][1].merge["slices"][1]["sources"][0]["layer_range"] == [1, 4]   # the recipe's own value
-    assert r.rank == {"by": ["score", "ppl"], "gguf": "Q8_0", "variant": "healed"}
+    assert r.rank == {"by": ["score", "ppl"], "gguf": "Q8_0", "variant": "final"}
 
 
 def test_a_value_that_is_a_block_is_named_by_its_place(tmp_path: Path, tiny_llama: Path) -> None:
@@ -170,7 +170,7 @@ def test_a_sweep_builds_each_shared_stage_once(workspace: Workspace, tiny_llama:
     assert all(c["settings"] == {"heal.train.max_steps": int(c["name"].split("-")[1])} for c in cells)
     assert len({c["size"] for c in cells}) == 1
     md = (out / "scoreboard.md").read_text()
-    assert "## Cells: Q8_0 of the healed model, ranked by score, ppl" in md
+    assert "## Cells: Q8_0 of the final model, ranked by score, ppl" in md
     assert f"| 1 | {cells[0]['name']} |" in md and "**best**" in md
     lock = json.loads((out / "lock.json").read_text())
     assert "heal:r@max_steps-6" in lock["stages"] and "merge:r" in lock["stages"]

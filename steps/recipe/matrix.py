@@ -23,7 +23,7 @@ RANK_BY = ("score", "ppl", "kld", "size")       # score: higher is better; the o
 RANK = {
     "by":      Field("list", ["score", "ppl"]),
     "gguf":    Field("str"),                     # default: the first of eval.ggufs, else the first quant
-    "variant": Field("choice", None, choices=("merged", "healed")),   # default: healed when the recipe heals
+    "variant": Field("choice", "final", choices=("final", "merged", "healed")),   # final: healed where it heals
 }
 MAX_CELLS = 64
 LABEL_CHARS = re.compile(r"[^A-Za-z0-9_.]")
@@ -139,8 +139,8 @@ def _names(combos: list[dict[str, Any]]) -> list[dict[str, str]]:
         for c in combos:
             if p in c and c[p] not in values:
                 values.append(c[p])
-        texts = [_words(v) for v in values]
-        if any(t is None for t in texts) or len(set(texts)) < len(texts):
+        texts = [_words(v) or f"v{i + 1}" for i, v in enumerate(values)]
+        if len(set(texts)) < len(texts):
             texts = [f"v{i + 1}" for i in range(len(values))]
         words[p] = {repr(v): str(t) for v, t in zip(values, texts, strict=True)}
     return [{p: f"{label[p]}-{words[p][repr(v)]}" for p, v in c.items()} for c in combos]
@@ -174,7 +174,7 @@ def rank_block(check: Checker, value: Any, *, heals: bool, ggufs: list[str]) -> 
     if spec["gguf"] not in ggufs:
         raise check.fail("matrix.rank.gguf", f"{spec['gguf']!r} is not a GGUF every cell makes; one of "
                          f"{', '.join(ggufs)}")
-    spec["variant"] = spec["variant"] or ("healed" if heals else "merged")
     if spec["variant"] == "healed" and not heals:
-        raise check.fail("matrix.rank.variant", "healed needs a heal: block in every cell; use merged")
+        raise check.fail("matrix.rank.variant", "healed needs a heal: block in every cell; use final (each cell's "
+                         "healed model where it heals, else its merge) or merged")
     return spec
