@@ -142,6 +142,21 @@ def test_one_cell_is_a_plain_recipe(tmp_path: Path, tiny_llama: Path) -> None:
     assert "cells" not in next(st for st in stages if st.kind == "scoreboard").params
 
 
+def test_the_demo_sweep_shares_the_merge_and_the_sources(tmp_path: Path) -> None:
+    """examples/demo-sweep.yaml (docs/sweeps.md): the demo with its heal's steps swept."""
+    from steps.plan import plan
+    from steps.recipe import load
+    r = load(Path(__file__).resolve().parent.parent / "examples" / "demo-sweep.yaml")
+    ids = [st.id for st in plan(r)]
+    n = "demo-sweep"
+    assert [c.name for c, _ in r.cells] == ["max_steps-4", "max_steps-8", "max_steps-16"]
+    assert {f"merge:{n}", f"eval:{n}-Q4_K_M", f"eval:{n}-source-smollm2-Q4_K_M"} <= set(ids)
+    assert [i for i in ids if i.startswith("heal:")] == [f"heal:{n}@max_steps-{s}" for s in (4, 8, 16)]
+    assert [i for i in ids if i.startswith("eval:")] == [
+        f"eval:{n}-source-smollm2-Q4_K_M", f"eval:{n}-Q4_K_M",
+        *(f"eval:{n}@max_steps-{s}-healed-Q4_K_M" for s in (4, 8, 16))]
+
+
 # ------------------------------------------------------------------------------------- a real sweep
 
 @pytest.mark.slow
