@@ -99,7 +99,6 @@ def test_verify_quarantines_a_flipped_byte_and_doit_rebuilds_it(merged: Workspac
     good = blake3_of(path)
     entry = store_file(ws, "merge.tiny", "merged/model.safetensors").parent.parent
     flip_byte(path)                            # a hardlink: the store entry is corrupt too
-    assert ws.doit("merge").executed == [], "doit alone does not read the bytes (verify does)"
     result = ws.doit("verify", check=False)
     assert result.returncode != 0 and "Traceback" not in result.output
     lines = mf_lines(result.output)
@@ -114,6 +113,73 @@ def test_verify_quarantines_a_flipped_byte_and_doit_rebuilds_it(merged: Workspac
     assert os.path.samefile(path, store_file(ws, "merge.tiny", "merged/model.safetensors"))
     clean = ws.doit("verify")
     assert "0 bad" in clean.output
+
+
+def test_doit_sees_a_write_through_build_by_its_stat_and_rebuilds(merged: Workspace) -> None:
+    """No hashing: the store entry's file has another mtime than when it was published, so the entry is
+    quarantined in one line and the stage built again."""
+    ws = merged
+    path = ws.path / MERGED
+    good = blake3_of(path)
+    entry = store_file(ws, "merge.tiny", "merged/model.safetensors").parent.parent
+    flip_byte(path)
+    again = ws.doit("merge")
+    assert again.executed == ["merge:tiny"] and built_counts(ws)["merge:tiny"] == 2
+    lines = [line for line in again.output.splitlines() if line.startswith("mergeforge: ")]
+    assert len(lines) == 1 and "merged/model.safetensors was changed after the entry was published" in lines[0]
+    assert f"quarantined store entry {entry.name[:12]}" in lines[0], lines
+    assert (ws.store / "quarantine" / entry.name).is_dir()
+    assert blake3_of(path) == good
+    assert "0 bad" in ws.doit("verify", "--full").output
+
+
+def test_rm_build_and_doit_never_places_a_store_entry_changed_since_publish(merged: Workspace) -> None:
+    ws = merged
+    path = ws.path / MERGED
+    good = blake3_of(path)
+    flip_byte(path)                            # through the hardlink: the store entry's bytes
+    shutil.rmtree(ws.build)
+    again = ws.doit("merge")
+    assert again.executed == ["fetch:tiny", "merge:tiny"]
+    assert [(e["stage"], e["action"]) for e in ws.events("tiny")] == [("fetch:tiny", "restored"),
+                                                                      ("merge:tiny", "built")]
+    assert "was changed after the entry was published" in again.output
+    assert blake3_of(path) == good
+    assert "0 bad" in ws.doit("verify", "--full").output
+
+
+@pytest.mark.slow
+def test_a_stage_never_builds_on_an_input_that_differs_from_its_manifest(
+        workspace: Workspace, tiny_llama: Path, llama_cpp: object) -> None:
+    """The issue's careful user: a byte flipped in build/<recipe>/merged, then a convert-only edit and `doit
+    convert`: the merge is rebuilt first, the convert built on the good bytes, and verify --full finds nothing.
+    Run by hand (`python -m steps.convert`, no doit uptodate check) over a copy that differs, the convert checks
+    its input, says so in one line and restores the merge before building."""
+    ws = workspace
+    ws.write_recipe("tiny", merge_recipe(tiny_llama) + "gguf: {outtype: bf16}\n")
+    ws.doit("convert")
+    path = ws.path / MERGED
+    good = blake3_of(path)
+    flip_byte(path)
+    ws.write_recipe("tiny", merge_recipe(tiny_llama) + "gguf: {outtype: f16}\n")
+    again = ws.doit("convert")
+    assert again.executed == ["merge:tiny", "convert:tiny"], again.output
+    assert built_counts(ws)["merge:tiny"] == 2 and blake3_of(path) == good
+    assert "0 bad" in ws.doit("verify", "--full").output
+
+    bad = path.read_bytes()
+    path.unlink()
+    path.write_bytes(bad[:4096] + bytes([bad[4096] ^ 0xFF]) + bad[4097:])   # another inode: the store is intact
+    ws.write_recipe("tiny", merge_recipe(tiny_llama) + "gguf: {outtype: bf16, mtp: drop}\n")
+    proc = subprocess.run([sys.executable, "-m", "steps.convert", "tiny"], cwd=ROOT, env=ws.env(),
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    lines = [line for line in out.splitlines() if line.startswith("mergeforge: ")]
+    assert len(lines) == 1 and f"input {path} differs from its manifest (merge:tiny)" in lines[0], out
+    assert "not building on it: restoring it" in lines[0]
+    assert blake3_of(path) == good and built_counts(ws)["merge:tiny"] == 2     # restored, not rebuilt
+    assert "0 bad" in ws.doit("verify", "--full").output
 
 
 def test_verify_full_reads_every_byte_for_bit_rot_that_keeps_the_mtime(merged: Workspace) -> None:

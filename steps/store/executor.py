@@ -20,7 +20,8 @@ from steps.hashing import StatCache, tree_digests
 from steps.plan import plan
 from steps.settings import store_root
 from steps.stage import Context, Stage, declaration
-from steps.store.keys import entry, stage_key, stat_cache
+from steps.errors import MergeforgeError
+from steps.store.keys import changed_since_publish, entry, quarantine, stage_key, stat_cache
 from steps.store.locks import key_lock, remove_stale_tmp
 from steps.store.space import _FULL, SMALL_OUTPUT, check_space, disk_full, estimate_bytes
 
@@ -33,8 +34,10 @@ _NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.
 
 
 
-def execute(stage: Stage) -> None:
-    """doit action of every stage: restore from the store, or build and publish."""
+def execute(stage: Stage, _repairs: int = 0) -> None:
+    """doit action of every stage: restore from the store, or build and publish. A store entry changed since it
+    was published is quarantined and rebuilt; an input in build/ that differs from its manifest is never built
+    on: its stage is restored (or rebuilt) first."""
     started = time.time()
     cache = stat_cache()
     key, material, inputs = stage_key(stage, cache)
@@ -45,7 +48,17 @@ def execute(stage: Stage) -> None:
     where = stage.build_dir
     try:
         with key_lock(key, what=stage.id):
+            if (done / "manifest.json").exists():
+                changed = changed_since_publish(done, read_json(done / "manifest.json"))
+                if changed:
+                    logger.warning("mergeforge: %s: %s; quarantined store entry %s (now %s) and building it "
+                                   "again", stage.id, changed, key[:12], quarantine(key))
             if not (done / "manifest.json").exists():
+                if _repair_inputs(stage, inputs, cache):
+                    if _repairs >= 2:
+                        raise MergeforgeError(f"{stage.id}: its inputs still differ from their manifests after "
+                                              "restoring them; run doit verify --full")
+                    raise _Retry
                 action = "built"
                 late_check = declaration(stage.kind).check
                 if late_check is not None:
@@ -68,7 +81,7 @@ def execute(stage: Stage) -> None:
                 needed = sum(int(i["size"]) for i in manifest["outputs"].values())
                 check_space(stage.build_dir, needed, stage.id)
             placed = _place(stage, done, manifest["outputs"], cache)
-        write_json_atomic(stage.key_file, {"key": key, "placed": placed})
+        write_json_atomic(stage.key_file, {"key": key, "placed": placed, "stat": manifest.get("stat", {})})
         write_json_atomic(stage.target, {"schema": C.SCHEMA_VERSION, "stage": stage.id,
                                          "outputs": manifest["outputs"], **manifest.get("record", {})})
         cache.save()
@@ -78,10 +91,58 @@ def execute(stage: Stage) -> None:
                                   "at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
         logger.info("%s %s in %.2f s (key %s)", stage.id, action, seconds, key[:12])
         write_lock(stage)
+    except _Retry:
+        execute(stage, _repairs + 1)
     except OSError as exc:
         if exc.errno in _FULL:
             raise disk_full(stage, exc, where, needed) from None
         raise
+
+
+class _Retry(Exception):
+    """An input was restored: the stage's key is computed again."""
+
+
+def _repair_inputs(stage: Stage, inputs: dict[str, dict[str, Any]], cache: StatCache) -> bool:
+    """Check every input file in build/ against its upstream manifest before building on it (stat-cached: free
+    when nothing changed; a changed stat means a re-hash). A file that differs is named in one line; its store
+    entry is quarantined when the file is that entry's own (a hardlink), the upstream's placed files leave
+    build/, and the upstream stage is restored or rebuilt. True when something was repaired."""
+    repaired = False
+    for dep, manifest in inputs.items():
+        bad = None
+        for rel, info in manifest["outputs"].items():
+            path = stage.build_dir / rel
+            try:
+                same = path.stat().st_size == info["size"] and cache.digest(path) == info["digest"]
+            except OSError:
+                same = False
+            if not same:
+                bad = path
+                break
+        if bad is None:
+            continue
+        upstream = next((st for st in plan(stage.recipe.sweep or stage.recipe) if st.id == dep), None)
+        if upstream is None:
+            continue
+        try:
+            placed = read_json(upstream.key_file)["key"]
+        except (OSError, ValueError, KeyError):
+            placed = ""
+        where = "restoring it"
+        source = entry(placed) / bad.relative_to(stage.build_dir) if placed else None
+        if source is not None and source.exists() and bad.exists() and os.path.samefile(source, bad):
+            with key_lock(placed, what=dep):
+                where = f"its store entry {placed[:12]} held the same bytes: quarantined it ({quarantine(placed)}), " \
+                        "rebuilding it"
+        logger.warning("mergeforge: %s: input %s differs from its manifest (%s); not building on it: %s", stage.id,
+                       bad, dep, where)
+        for rel in manifest["outputs"]:
+            (stage.build_dir / rel).unlink(missing_ok=True)
+        upstream.key_file.unlink(missing_ok=True)
+        execute(upstream)
+        repaired = True
+    return repaired
 
 
 def _build(stage: Stage, key: str, material: dict[str, Any], inputs: dict[str, dict[str, Any]],
@@ -105,11 +166,14 @@ def _build(stage: Stage, key: str, material: dict[str, Any], inputs: dict[str, d
             raise
         seconds = round(time.time() - started, 3)
         outputs = tree_digests(ctx.out, cache)
+        published = {}
         for rel in outputs:
             path = ctx.out / rel
             path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+            st = path.stat()
+            published[rel] = [st.st_size, st.st_mtime_ns]     # a rename keeps both: placing checks them
         manifest = {"schema": C.SCHEMA_VERSION, "key": key, "stage": stage.id, "material": material,
-                    "outputs": outputs, "record": ctx.record, "build_seconds": seconds}
+                    "outputs": outputs, "record": ctx.record, "build_seconds": seconds, "stat": published}
         (ctx.out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         dest = entry(key)
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,7 @@ def placed_is_current(stage: Stage) -> bool:
     done = entry(str(placed.get("key", "")))
     if not (done / "manifest.json").is_file():
         return False
+    recorded = placed.get("stat") or {}                 # the entry's files as published: a write in place shows
     linked = placed.get("placed") == "link"
     for rel, info in outputs.items():
         try:
@@ -59,6 +60,8 @@ def placed_is_current(stage: Stage) -> bool:
             return False
         if here.st_size != info["size"] or there.st_size != info["size"]:
             return False
+        if rel in recorded and there.st_mtime_ns != recorded[rel][1]:
+            return False
         if linked and (here.st_ino, here.st_dev) != (there.st_ino, there.st_dev):
             return False
     return True
@@ -66,4 +69,34 @@ def placed_is_current(stage: Stage) -> bool:
 
 def entry(key: str) -> Path:
     return store_root() / "store" / key[:2] / key
+
+
+def quarantine(key: str) -> Path:
+    """Move a store entry to cache/quarantine/<key> (the caller holds its key lock): never served again, kept for a
+    look until `doit gc`. Returns where it went."""
+    import shutil
+
+    from steps.files import force_remove
+    dest = store_root() / "quarantine" / key
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        shutil.rmtree(dest, onerror=force_remove)
+    if entry(key).exists():
+        os.replace(entry(key), dest)
+    return dest
+
+
+def changed_since_publish(done: Path, manifest: dict[str, Any]) -> str | None:
+    """The first file of a store entry whose size or mtime is not what it was when the entry was published (a
+    write through a hardlink in build/, or by hand), in words; None when every file is as published. Stat only:
+    an entry published before stats were recorded is not checked."""
+    recorded = manifest.get("stat") or {}
+    for rel, (size, mtime_ns) in recorded.items():
+        try:
+            st = os.stat(done / rel)
+        except OSError:
+            return f"{done / rel} is missing"
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            return f"{done / rel} was changed after the entry was published"
+    return None
 

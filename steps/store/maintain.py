@@ -15,6 +15,7 @@ from steps.hashing import _hash_file
 from steps.plan import plan
 from steps.settings import build_root, store_root
 from steps.store.keys import entry, stat_cache
+from steps.store.keys import quarantine as quarantine_entry
 from steps.store.locks import _same_file, key_lock, remove_stale_tmp
 
 
@@ -103,19 +104,13 @@ def verify(recipes: list[Any], full: bool = False) -> tuple[list[str], str]:
                     problems.append(f"mergeforge: corrupt: {path} ({st.id}): {reason}; removed it from build/ (the "
                                     "store's copy is intact); run doit to restore it")
 
-    quarantine = root / "quarantine"
     for key, files in sorted(bad.items()):
         with key_lock(key, wait=False) as held:
             if not held:
                 problems.append(f"mergeforge: corrupt: store entry {entry(key)} ({stage_of.get(key, '?')}) is in "
                                 "use by another process; run doit verify again when it is done")
                 continue
-            quarantine.mkdir(parents=True, exist_ok=True)
-            dest = quarantine / key
-            if dest.exists():
-                shutil.rmtree(dest, onerror=force_remove)
-            if entry(key).exists():
-                os.replace(entry(key), dest)
+            dest = quarantine_entry(key)
         for rel, reason in files:
             where = [str(d / rel) for d in placements.get(key, [])] or [str(entry(key) / rel)]
             problems.append(f"mergeforge: corrupt: {', '.join(where)} ({stage_of.get(key, '?')}, store entry "
