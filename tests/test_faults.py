@@ -318,6 +318,25 @@ def _doit_proc(ws: Workspace, *args: str, env: dict[str, str] | None = None) -> 
                             env=env or ws.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def test_doit_n_builds_a_sweeps_stages_in_parallel_each_once(workspace: Workspace, tiny_llama: Path) -> None:
+    """`doit -n 3`: three merges of a sweep at once, in three processes; every key built once, and lock.json
+    (written by whichever finishes last) lists every stage."""
+    ws = workspace
+    ws.write_recipe("tiny", merge_recipe(tiny_llama) + "matrix:\n  merge.slices.1.sources.0.layer_range: "
+                    "[[1, 4], [2, 4], [0, 4]]\n")
+    run = ws.doit("-n", "3", "-P", "process", "merge")
+    merges = [f"merge:tiny@layer_range-{r}" for r in ("1-4", "2-4", "0-4")]
+    assert sorted(run.executed) == sorted(["fetch:tiny", *merges]), run.output
+    events = ws.events("tiny")
+    assert sorted(e["stage"] for e in events if e["action"] == "built") == sorted(["fetch:tiny", *merges])
+    starts = {e["stage"]: e for e in events}
+    lock = json.loads((ws.build / "tiny" / "lock.json").read_text())
+    assert set(lock["stages"]) == set(starts)
+    assert {f"merged@layer_range-{r}/model.safetensors" for r in ("1-4", "2-4", "0-4")} <= set(lock["artifacts"])
+    assert ws.doit("-n", "3", "merge").executed == []
+    assert "0 bad" in ws.doit("verify").output
+
+
 def test_a_second_doit_on_a_locked_build_dir_is_refused_in_one_line(workspace: Workspace, tiny_llama: Path) -> None:
     ws = workspace
     ws.write_recipe("tiny", merge_recipe(tiny_llama))

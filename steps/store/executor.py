@@ -266,6 +266,13 @@ def write_lock(stage: Stage) -> None:
     """build/<recipe>/lock.json: every artifact's digest and stage key, every source's revision."""
     recipe = stage.recipe.sweep or stage.recipe        # a sweep's cell: the lock covers the whole sweep
     build_dir = stage.build_dir
+    (build_dir / C.MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
+    with open(build_dir / C.MANIFEST_DIR / "lock.json.lock", "a") as held:   # doit -n: one writer at a time
+        fcntl.flock(held, fcntl.LOCK_EX)
+        _write_lock(recipe, build_dir)
+
+
+def _write_lock(recipe: Any, build_dir: Path) -> None:
     artifacts: dict[str, Any] = {}
     sources: dict[str, Any] = {}
     stages: dict[str, str] = {}
