@@ -183,11 +183,43 @@ for _kind in C.STAGES:
     globals()[f"task_{_kind}"] = _stage_task_creator(_kind)
 
 
-def _verify(full: bool) -> TaskFailed | None:
+def _verify(full: bool, remote: bool) -> TaskFailed | None:
     full = full or settings.verify_full()
-    problems, summary = store.verify(RECIPES, full=full)
+    try:
+        problems, summary = store.verify(RECIPES, full=full, remote=remote)
+    except MergeforgeError as exc:
+        return TaskFailed(user_message(exc))
     print(summary)
     return TaskFailed("\n".join(problems)) if problems else None
+
+
+def _push() -> TaskFailed | None:
+    try:
+        for line in store.push_all():
+            print(line)
+    except MergeforgeError as exc:
+        return TaskFailed(user_message(exc))
+    return None
+
+
+def task_push():  # type: ignore[no-untyped-def]
+    """upload every local store entry the remote store (MERGEFORGE_REMOTE) lacks (not default)"""
+    return {"actions": [_push], "uptodate": [False], "verbosity": 2}
+
+
+def _pull() -> TaskFailed | None:
+    try:
+        lines, complete = store.pull(RECIPES)
+    except MergeforgeError as exc:
+        return TaskFailed(user_message(exc))
+    for line in lines:
+        print(line)
+    return None if complete else TaskFailed("mergeforge: pull: " + lines[-1].removeprefix("pull: "))
+
+
+def task_pull():  # type: ignore[no-untyped-def]
+    """restore every stage the recipes need from the store or the remote store, building none (not default)"""
+    return {"actions": [_pull], "uptodate": [False], "verbosity": 2}
 
 
 def task_verify():  # type: ignore[no-untyped-def]
@@ -195,7 +227,10 @@ def task_verify():  # type: ignore[no-untyped-def]
     return {"actions": [_verify], "uptodate": [False], "verbosity": 2,
             "params": [{"name": "full", "long": "full", "type": bool, "default": False,
                         "help": "read every byte (silent bit rot), not only files changed since they were hashed "
-                                "(also MERGEFORGE_VERIFY_FULL=1)"}]}
+                                "(also MERGEFORGE_VERIFY_FULL=1)"},
+                       {"name": "remote", "long": "remote", "type": bool, "default": False,
+                        "help": "also check the remote store (MERGEFORGE_REMOTE): every file's size, with --full "
+                                "its digest; deletes nothing there"}]}
 
 
 def _gc(keep: int) -> None:

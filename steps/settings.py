@@ -28,6 +28,8 @@ SETTINGS = (
             "(build/<recipe>/) and doit keeps its state (.doit.json)"),
     Setting("MERGEFORGE_STORE", "cache/ of the checkout", "the content-keyed store: entries, locks, stat cache, "
             "Hub downloads, servers' pid files"),
+    Setting("MERGEFORGE_REMOTE", "(unset: none)", "a shared remote store, an fsspec URL (file://, s3://, gs://, "
+            "hf://, sftp://): keys are pulled from it before building and pushed to it after"),
     Setting("MERGEFORGE_HOME", "~/.cache/mergeforge", "the per-user cache: the built llama.cpp toolchain and "
             "downloaded wheels (shared by every checkout)"),
     Setting("MERGEFORGE_LLAMA_CPP", "(unset: build the pinned llama.cpp)", "a llama.cpp checkout or install to use "
@@ -76,6 +78,10 @@ def build_root() -> Path:
 
 def store_root() -> Path:
     return Path(get("MERGEFORGE_STORE") or root() / "cache").resolve()
+
+
+def remote() -> str | None:
+    return get("MERGEFORGE_REMOTE")
 
 
 def home() -> Path:

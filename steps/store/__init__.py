@@ -29,10 +29,11 @@ from steps.store.executor import execute, write_lock
 from steps.store.keys import entry, placed_is_current, stage_key, stat_cache
 from steps.store.locks import (BuildDirBusy, key_lock, lock_build_dir, protect_doit_state, recover_state_file,
                                remove_stale_tmp)
-from steps.store.maintain import gc, verify
+from steps.store.maintain import gc, pull, verify
+from steps.store.remote import push_all
 from steps.store.space import SMALL_OUTPUT, DiskFull, check_space, estimate_bytes
 
 __all__ = ["BuildDirBusy", "Context", "DiskFull", "SMALL_OUTPUT", "check_space", "entry", "estimate_bytes", "execute",
-           "gc", "key_lock", "lock_build_dir", "placed_is_current", "process_alive", "protect_doit_state",
-           "read_json", "recover_state_file", "remove_stale_tmp", "stage_key", "stat_cache", "verify",
+           "gc", "key_lock", "lock_build_dir", "placed_is_current", "process_alive", "protect_doit_state", "pull",
+           "push_all", "read_json", "recover_state_file", "remove_stale_tmp", "stage_key", "stat_cache", "verify",
            "write_json_atomic", "write_lock"]

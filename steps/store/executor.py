@@ -23,6 +23,7 @@ from steps.stage import Context, Stage, declaration
 from steps.errors import MergeforgeError
 from steps.store.keys import changed_since_publish, entry, quarantine, stage_key, stat_cache
 from steps.store.locks import key_lock, remove_stale_tmp
+from steps.store.remote import RemoteError, configured
 from steps.store.space import _FULL, SMALL_OUTPUT, check_space, disk_full, estimate_bytes
 
 logger = logging.getLogger(__name__)
@@ -34,10 +35,16 @@ _NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.
 
 
 
-def execute(stage: Stage, _repairs: int = 0) -> None:
-    """doit action of every stage: restore from the store, or build and publish. A store entry changed since it
-    was published is quarantined and rebuilt; an input in build/ that differs from its manifest is never built
-    on: its stage is restored (or rebuilt) first."""
+class NotAvailable(MergeforgeError):
+    """`doit pull`: the key is neither in the local store nor on the remote."""
+
+
+def execute(stage: Stage, _repairs: int = 0, *, build: bool = True) -> str:
+    """doit action of every stage: restore from the store, else pull from the remote store (MERGEFORGE_REMOTE),
+    else build, publish (and push). A store entry changed since it was published is quarantined and rebuilt; an
+    input in build/ that differs from its manifest is never built on: its stage is restored (or rebuilt) first.
+    ``build=False`` (`doit pull`): raise NotAvailable instead of building. Returns the action: restored, pulled or
+    built."""
     started = time.time()
     cache = stat_cache()
     key, material, inputs = stage_key(stage, cache)
@@ -53,7 +60,18 @@ def execute(stage: Stage, _repairs: int = 0) -> None:
                 if changed:
                     logger.warning("mergeforge: %s: %s; quarantined store entry %s (now %s) and building it "
                                    "again", stage.id, changed, key[:12], quarantine(key))
+            remote = configured()
+            refused: list[str] = []
+            if not (done / "manifest.json").exists() and remote is not None:
+                got = remote.pull(key, stage.id, cache)
+                if got == []:
+                    action = "pulled"
+                elif got:
+                    refused = got
             if not (done / "manifest.json").exists():
+                if not build:
+                    raise NotAvailable(f"{stage.id}: key {key[:12]} is in neither the local store nor the remote"
+                                       + (" (its remote objects differ from their manifest)" if refused else ""))
                 if _repair_inputs(stage, inputs, cache):
                     if _repairs >= 2:
                         raise MergeforgeError(f"{stage.id}: its inputs still differ from their manifests after "
@@ -69,7 +87,13 @@ def execute(stage: Stage, _repairs: int = 0) -> None:
                 where = tmp_root
                 check_space(tmp_root, needed, stage.id)
                 _build(stage, key, material, inputs, cache, needed)
-            else:
+                if remote is not None:
+                    try:
+                        remote.push(key, stage.id, force=bool(refused))
+                    except RemoteError as exc:      # built here all the same: `doit push` sends it later
+                        logger.warning("mergeforge: %s: built, not pushed: %s; run doit push once it is reachable",
+                                       stage.id, exc)
+            elif action == "restored":
                 try:
                     os.utime(done)             # last used: gc keeps the most recently used entries
                 except OSError:
@@ -91,8 +115,9 @@ def execute(stage: Stage, _repairs: int = 0) -> None:
                                   "at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
         logger.info("%s %s in %.2f s (key %s)", stage.id, action, seconds, key[:12])
         write_lock(stage)
+        return action
     except _Retry:
-        execute(stage, _repairs + 1)
+        return execute(stage, _repairs + 1, build=build)
     except OSError as exc:
         if exc.errno in _FULL:
             raise disk_full(stage, exc, where, needed) from None

@@ -31,7 +31,7 @@ def _bad_reason(path: Path, info: dict[str, Any], digest: Any) -> str | None:
     return None
 
 
-def verify(recipes: list[Any], full: bool = False) -> tuple[list[str], str]:
+def verify(recipes: list[Any], full: bool = False, remote: bool = False) -> tuple[list[str], str]:
     """Re-hash every store entry and every artifact placed in the recipes' build directories against its
     manifest: through the stat cache (a file written since it was hashed has a new mtime and is re-hashed), or
     every byte with ``full`` (silent bit rot keeps the mtime). A bad store entry moves to cache/quarantine/<key>
@@ -117,10 +117,17 @@ def verify(recipes: list[Any], full: bool = False) -> tuple[list[str], str]:
                             f"{key[:12]}): {reason}; moved the entry to {dest} and its files out of build/; run "
                             "doit to rebuild it")
     cache.save()
+    remote_part = ""
+    if remote:
+        from steps.store.remote import _required, shown
+        there = _required("verify --remote")
+        remote_problems, n_remote = there.verify(full=full)
+        problems += remote_problems
+        remote_part = f"; {n_remote} remote entries at {shown(there.url)} ({'read' if full else 'sizes'})"
     seconds = time.time() - started
     how = f"read {hashed[0]} files, {human(hashed[1])}" if full else "stat-cached"
     summary = (f"verify: {n_files} files in {n_entries} store entries and {n_placed} placed artifacts checked "
-               f"({how}) in {seconds:.2f} s: {len(problems)} bad")
+               f"({how}){remote_part} in {seconds:.2f} s: {len(problems)} bad")
     return problems, summary
 
 
@@ -195,3 +202,32 @@ def gc(recipes: list[Any], keep: int) -> list[str]:
                  + (f" ({human(linked)} more once build directories that link them are gone)" if linked else ""))
     return lines
 
+
+
+def pull(recipes: list[Any]) -> tuple[list[str], bool]:
+    """`doit pull`: every stage the recipes need, in build order, from the local store or the remote, without
+    building any. A stage the remote lacks is named with what it holds back (its downstream keys depend on its
+    outputs). Returns the lines and whether everything was placed."""
+    from steps.store.executor import NotAvailable, execute
+    from steps.store.remote import _required
+    remote = _required("pull")
+    lines: list[str] = []
+    counts: dict[str, int] = {}
+    missing: set[str] = set()
+    for recipe in recipes:
+        for st in plan(recipe):
+            if missing & set(st.deps):
+                missing.add(st.id)
+                continue
+            try:
+                action = execute(st, build=False)
+            except NotAvailable as exc:
+                missing.add(st.id)
+                lines.append(f"pull: {exc}; build it with `doit {st.id}` (and `doit push` to share it)")
+                continue
+            counts[action] = counts.get(action, 0) + 1
+    held = len(missing) - sum(1 for line in lines if line.startswith("pull: "))
+    summary = (f"pull: {counts.get('pulled', 0)} stages pulled from {remote.url.split('://', 1)[0]}://..., "
+               f"{counts.get('restored', 0)} restored from the local store, {len(missing)} not available"
+               + (f" ({held} of them wait for a stage above)" if held else ""))
+    return [*lines, summary], not missing
