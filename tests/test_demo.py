@@ -12,6 +12,10 @@ from conftest import ROOT, Workspace, generate
 
 pytestmark = [pytest.mark.slow, pytest.mark.demo]
 
+def remote_url(factory: pytest.TempPathFactory) -> str:
+    return (factory.getbasetemp() / "demo-remote").as_uri()
+
+
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -19,7 +23,7 @@ CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>
 def demo(tmp_path_factory: pytest.TempPathFactory, llama_cpp) -> Workspace:  # type: ignore[no-untyped-def]
     ws = Workspace(tmp_path_factory.mktemp("demo"))
     ws.recipes.symlink_to(ROOT / "recipes")
-    first = ws.doit()
+    first = ws.doit(env={"MERGEFORGE_REMOTE": remote_url(tmp_path_factory)})   # and push every key to a shared store
     from steps.plan import plan
     from steps.recipe import load
     assert sorted(first.executed) == sorted(st.id for st in plan(load(ROOT / "recipes" / "demo.yaml")))
@@ -40,6 +44,24 @@ def test_demo_builds_and_scores(demo: Workspace, llama_cpp) -> None:  # type: ig
     text = generate(llama_cpp.program("llama-completion"), out / "demo-Q4_K_M.gguf", CHAT, n=12)
     assert "Paris" in text, text
     assert demo.doit().executed == []
+
+
+def test_a_second_checkout_restores_the_whole_demo_from_the_remote(
+        demo: Workspace, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Another path, its own empty local store, the same MERGEFORGE_REMOTE (a file:// directory): `doit` builds
+    no stage; every one is pulled (each file's digest checked), and lock.json agrees with the first checkout."""
+    other = Workspace(tmp_path_factory.mktemp("demo-elsewhere"))
+    other.recipes.symlink_to(ROOT / "recipes")
+    done = other.doit(env={"MERGEFORGE_REMOTE": remote_url(tmp_path_factory)})
+    events = other.events("demo")
+    assert events and {e["action"] for e in events} == {"pulled"}, sorted({(e["stage"], e["action"]) for e in events})
+    assert sorted(done.executed) == sorted(e["stage"] for e in events)
+    mine = json.loads((demo.build / "demo" / "lock.json").read_text())
+    theirs = json.loads((other.build / "demo" / "lock.json").read_text())
+    assert theirs["stages"] == mine["stages"]
+    assert {k: v["digest"] for k, v in theirs["artifacts"].items()} == \
+        {k: v["digest"] for k, v in mine["artifacts"].items()}
+    assert "0 bad" in other.doit("verify").output
 
 
 def test_demo_heal_closes_part_of_the_seam(demo: Workspace) -> None:
