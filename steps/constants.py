@@ -23,6 +23,8 @@ class StageSpec:
     packages: tuple[str, ...]     # Python packages whose versions enter the key
     doc: str                      # what `doit list` says of the stage's task
     llama_cpp: bool = False       # runs llama.cpp programs: llama.cpp's version enters the key
+    native: bool = False          # its bytes depend on the machine llama.cpp computes on (its CPU features, CUDA,
+    #                               -ngl): toolchain.build_target() and MERGEFORGE_GPU_LAYERS enter the key
 
 
 _TORCH = ("torch", "transformers", "safetensors", "gguf")
@@ -38,14 +40,15 @@ STAGES = {
     "convert": StageSpec("steps.convert", 2, _TORCH, "convert the merged model to a GGUF with llama.cpp's converter, "
                          "with provenance metadata", llama_cpp=True),
     "imatrix": StageSpec("steps.imatrix", 2, (), "compute an importance matrix with llama-imatrix on the recipe's "
-                         "calibration text", llama_cpp=True),
+                         "calibration text", llama_cpp=True, native=True),
     "quantize": StageSpec("steps.quantize", 1, (), "quantize the GGUF with llama-quantize, one subtask per type",
-                          llama_cpp=True),
+                          llama_cpp=True, native=True),
     "bench": StageSpec("steps.bench", 3, (), "size, perplexity and KL-divergence of each quant against the "
-                       "unquantized GGUF, per variant", llama_cpp=True),
+                       "unquantized GGUF, per variant", llama_cpp=True, native=True),
     "eval": StageSpec("steps.eval", 4, ("openai", "jsonschema", "html5lib", "tinycss2", "tree-sitter",
                                         "tree-sitter-javascript", "playwright", "pytest"),
-                      "the capability suite against llama-server, one subtask per evaluated GGUF", llama_cpp=True),
+                      "the capability suite against llama-server, one subtask per evaluated GGUF", llama_cpp=True,
+                      native=True),
     "scoreboard": StageSpec("steps.scoreboard", 5, ("matplotlib",),
                             "every variant's figures side by side (scoreboard.json, scoreboard.md)"),
 }

@@ -76,6 +76,11 @@ class Stage:
         tools["mergeforge-stage"] = str(spec.version)
         if spec.llama_cpp:
             tools["llama.cpp"] = llama_cpp_version()
+        if spec.native:                          # another machine's arithmetic: other bytes under another key
+            from steps import settings, toolchain
+            tools["llama.cpp-target"] = toolchain.build_target()
+            if settings.gpu_layers():
+                tools["gpu_layers"] = str(settings.gpu_layers())
         extra = declaration(self.kind).tools
         if extra is not None:
             tools.update(extra(self))

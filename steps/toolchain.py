@@ -12,6 +12,7 @@ Where llama.cpp comes from, first match wins:
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -179,6 +180,36 @@ def _extract(sdist: Path, dest: Path) -> Path:
     return dest
 
 
+# The CPU features ggml's kernels dispatch on, and that the build's -march=native compiles in: another set computes
+# other floating-point sums, so an imatrix, a quant, a PPL or a reply made with it is another machine's.
+GGML_CPU_FLAGS = ("sse3", "ssse3", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                  "avx512_vnni", "avx512_bf16", "avx_vnni", "asimd", "asimdhp", "asimddp", "fphp", "sve", "sve2",
+                  "i8mm", "bf16")
+
+
+@functools.cache
+def build_target() -> str:
+    """What llama.cpp's arithmetic depends on beyond its version, in words: the CPU architecture, the features of
+    GGML_CPU_FLAGS this CPU has (the build targets the CPU it is built on), and ``cuda`` when the build has CUDA.
+    Stages whose bytes depend on it put it in their keys (constants.StageSpec.native)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags.update(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    words = [platform.machine().lower() or "unknown", *(f for f in GGML_CPU_FLAGS if f in flags)]
+    try:
+        info = json.loads((toolchain_dir() / "BUILD.json").read_text())
+        if "-DGGML_CUDA=ON" in info.get("flags", []):
+            words.append("cuda")
+    except (OSError, ValueError):
+        pass
+    return " ".join(words)
+
+
 def has_gpu() -> bool:
     """nvcc alone is not enough: a CUDA build on a machine with no GPU only costs time."""
     smi = shutil.which("nvidia-smi")
@@ -319,7 +350,8 @@ def split_gguf(path: Path, max_size: str | None) -> list[Path]:
 
 
 def gpu_args() -> list[str]:
-    """``-ngl N`` from MERGEFORGE_GPU_LAYERS: a machine setting, not part of any key."""
+    """``-ngl N`` from MERGEFORGE_GPU_LAYERS: a machine setting; it enters the keys of the stages whose bytes it
+    changes (constants.StageSpec.native)."""
     layers = settings.gpu_layers()
     return ["-ngl", layers] if layers else []
 

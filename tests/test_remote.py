@@ -198,3 +198,31 @@ def test_the_same_through_an_s3_api_server(tmp_path: Path, tiny_llama: Path, s3_
     fs.mkdir("mergeforge-test")
     share_and_tamper(tmp_path, tiny_llama, "s3://mergeforge-test/team", s3_server, fs, "mergeforge-test/team")
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in (tmp_path / "a" / "build" / "tiny" / "lock.json").read_text()
+
+
+# ------------------------------------------------------------------------- keys that name the machine
+
+def test_the_keys_of_machine_dependent_stages_name_the_machine(tmp_path: Path, tiny_llama: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remote serves bytes built elsewhere: an imatrix, a quant, a PPL or an eval made by a llama.cpp built for
+    another CPU (or with CUDA, or with layers offloaded) is another key; fetch, merge and the converter's GGUF
+    (Python, the same bytes on any machine) keep theirs, so every machine shares them."""
+    from steps import toolchain
+    from steps.plan import plan
+    from steps.recipe import load
+    from test_recipe import recipe
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe(tiny_llama, bench="bench: {heldout: %s, chunks: 2, context: 64}\n"
+                           % (Path(__file__).resolve().parent.parent / "recipes" / "data" / "heldout.txt")))
+    stages = plan(load(path))
+    here = {st.id: st.tools() for st in stages}
+    assert here["imatrix:r"]["llama.cpp-target"] == toolchain.build_target()
+    for machine in ("aarch64 asimd asimddp i8mm", toolchain.build_target() + " cuda"):
+        monkeypatch.setattr(toolchain, "build_target", lambda machine=machine: machine)
+        there = {st.id: st.tools() for st in stages}
+        assert {i for i in here if here[i] != there[i]} == {"imatrix:r", "quantize:r-Q4_K_M", "bench:r",
+                                                            "bench:r-Q4_K_M"}
+    monkeypatch.undo()
+    monkeypatch.setenv("MERGEFORGE_GPU_LAYERS", "99")
+    offloaded = {st.id: st.tools() for st in stages}
+    assert offloaded["bench:r"]["gpu_layers"] == "99" and offloaded["convert:r"] == here["convert:r"]
