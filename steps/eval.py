@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from steps import constants as C
+from steps.errors import StepFailed
 from steps.stage import Declaration
 
 if TYPE_CHECKING:
@@ -55,10 +56,13 @@ def build(ctx: Context) -> None:
     if options.get("chat_template"):
         options["chat_template"] = stage.files["chat_template"]
     log = ctx.out / C.EVAL_LOG.format(name=stage.name)
+    remote = options.get("url")
+    key = server.api_key(options)
+    where = server.running(remote, log, key) if remote else server.serve(gguf, options, log,
+                                                                         timeout_s=params["timeout_s"])
     started = time.monotonic()
-    with sandbox.choose(params["sandbox"]) as mode, server.serve(gguf, options, log,
-                                                                 timeout_s=params["timeout_s"]) as url:
-        runner = _Runner(url, params)
+    with sandbox.choose(params["sandbox"]) as mode, where as url:
+        runner = _Runner(url, params, key)
         results = run_suite(runner, tests)
     wall = time.monotonic() - started
     keep_artifacts(results, ctx.out, stage.name)
@@ -73,6 +77,8 @@ def build(ctx: Context) -> None:
               "thinking": runner.thinking_used(),
               "sandbox": mode if any(r["category"] in CODE_CATEGORIES for r in results) else None,
               "browser": browser_version() if any(r["category"] == "frontend" for r in results) else None,
+              "server": ({"url": remote, "started": False, "identity": server.identity(remote, key)} if remote
+                         else {"started": True, "program": "llama-server"}),
               **report, "settings": {k: v for k, v in params.items() if k != "variant"}, "tests": results}
     (ctx.out / C.EVAL_FILE.format(name=stage.name)).write_text(json.dumps(report, indent=1) + "\n")
     (ctx.out / C.EVAL_TIMINGS.format(name=stage.name)).write_text(json.dumps(timings, indent=1) + "\n")
@@ -149,15 +155,18 @@ class _Runner:
     ``max_tokens`` is the test's answer cap plus the budget, so thinking never eats the answer's tokens; a reply the
     cap cuts anyway is "truncated", not failed."""
 
-    def __init__(self, url: str, params: dict[str, Any]) -> None:
+    def __init__(self, url: str, params: dict[str, Any], key: str = "mergeforge-local") -> None:
         import openai
 
         from steps.evalsuite import Options
-        self.url = url
-        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="mergeforge-local", timeout=params["timeout_s"],
-                                    max_retries=0)
+        self.url, self.key = url, key
+        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, timeout=params["timeout_s"], max_retries=0)
         self.params, self.options = params, Options(needle_tokens=params["needle_tokens"])
         self.model = params["server"].get("alias") or "model"
+        if params["server"].get("url") and not params["server"].get("alias"):
+            from steps import server
+            served = server.identity(url, key)["models"]        # vLLM and SGLang want the served model's id
+            self.model = served[0] if len(served) == 1 else self.model
         self.budget = 0                  # the prompt is rendered with the thinking switch alone
         prompt = self._render_prompt()
         self.opened = prompt is not None and _opens_thinking(prompt)
@@ -203,7 +212,7 @@ class _Runner:
         """llama-server's JSON answer to a POST of ``payload`` to ``path`` (its endpoints beside the OpenAI API)."""
         import urllib.request
         request = urllib.request.Request(f"{self.url}{path}", json.dumps(payload).encode(),
-                                         {"Content-Type": "application/json"})
+                                         {"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"})
         with urllib.request.urlopen(request, timeout=self.params["timeout_s"]) as resp:
             return json.loads(resp.read())
 
@@ -366,7 +375,53 @@ def uses_browser(params: dict[str, Any]) -> bool:
 
 
 
-STAGE = Declaration(build=build, tools=tools)
+def key_inputs(stage: Stage, cache: Any) -> dict[str, Any]:
+    """An eval against a server started elsewhere (eval.server.url): what that server says it serves enters the
+    key, so results from one model are never served as another's."""
+    options = stage.params["server"]
+    if not options.get("url"):
+        return {}
+    from steps import server
+    return {"server": server.identity(options["url"], server.api_key(options))}
+
+
+def gguf_identity(path: Path) -> dict[str, int]:
+    """What llama-server reports of a model, computed from the GGUF: its parameter count and tensor bytes."""
+    from gguf import GGUFReader
+    reader = GGUFReader(path)
+    return {"n_params": int(sum(int(t.n_elements) for t in reader.tensors)),
+            "size": int(sum(int(t.n_bytes) for t in reader.tensors))}
+
+
+def check_server(stage: Stage, inputs: dict[str, dict[str, Any]]) -> None:
+    """Before an eval against a server started elsewhere: refuse, by name, a server that serves another model than
+    the GGUF the stage declares (its file name, parameter count or size differ); a server that reports none of
+    them (vLLM, SGLang) is taken at the recipe's word, and eval.json says what it reported."""
+    options = stage.params["server"]
+    if not options.get("url"):
+        return
+    from steps import server
+    found = server.identity(options["url"], server.api_key(options))
+    dep = next(d for d in stage.deps if d.split(":", 1)[0] in ("quantize", "convert"))
+    manifest = inputs[dep]
+    rel = str(manifest.get("main") or next(r for r in manifest["outputs"] if r.endswith(".gguf")))
+    gguf = stage.build_dir / rel
+    expected = gguf_identity(gguf)
+    wrong = [f"{k} {found[k]} where {gguf.name} has {expected[k]}" for k in ("n_params", "size")
+             if k in found and found[k] != expected[k]]
+    if "model_file" in found and found["model_file"] != gguf.name and (wrong or not set(found) & set(expected)):
+        wrong.insert(0, f"its model file is {found['model_file']}")
+    if wrong:
+        raise StepFailed(f"{stage.id}: the server at {options['url']} serves another model than {gguf.name}: "
+                         f"{'; '.join(wrong)}; point eval.server.url at a server running {gguf.name} (llama-server "
+                         f"-m build/{stage.recipe.name}/{gguf.name}), or drop url to let the stage start one")
+    if not set(found) & {"model_file", "n_params", "size"}:
+        logger.warning("%s: the server at %s reports only its model ids %s: it is taken to serve %s, as the recipe "
+                       "says (eval.json records what it reported)", stage.id, options["url"], found["models"],
+                       gguf.name)
+
+
+STAGE = Declaration(build=build, tools=tools, key_inputs=key_inputs, check=check_server)
 
 if __name__ == "__main__":
     from steps.plan import find

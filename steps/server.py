@@ -38,7 +38,61 @@ PR_SET_PDEATHSIG = 1
 SERVER_DEFAULTS: dict[str, Any] = {"context": 4096, "flash_attn": "auto", "batch": 2048, "ubatch": 512,
                                    "parallel": 1, "cache_type_k": "f16", "cache_type_v": "f16", "jinja": True,
                                    "alias": None, "chat_template": None, "reasoning_budget": None,
-                                   "reasoning_format": None}
+                                   "reasoning_format": None, "url": None, "api_key_env": None}
+# Options of the llama-server the stage starts itself: with eval.server.url the server runs elsewhere, set there.
+LAUNCH_ONLY = ("context", "flash_attn", "batch", "ubatch", "cache_type_k", "cache_type_v", "jinja", "chat_template",
+               "reasoning_budget", "reasoning_format")
+
+
+def api_key(options: dict[str, Any]) -> str:
+    """The API key a remote server wants, from the environment variable eval.server.api_key_env names (the recipe
+    holds the name, never the key)."""
+    name = options.get("api_key_env")
+    if not name:
+        return "mergeforge-local"
+    value = os.environ.get(str(name))
+    if not value:
+        raise StepFailed(f"eval.server.api_key_env names {name}, which is not set; export {name}=<the server's API "
+                         "key> and run doit again")
+    return value
+
+
+def _get(url: str, path: str, key: str, timeout_s: float = 30) -> Any:
+    request = urllib.request.Request(f"{url}{path}", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
+
+
+def identity(url: str, key: str) -> dict[str, Any]:
+    """What an already running OpenAI-compatible server says it serves: the ids of /v1/models and, from
+    llama-server, its model file's name (/props model_path) and the model's parameter count and size in bytes
+    (/v1/models meta). Raises StepFailed in one line when the server does not answer."""
+    try:
+        models = _get(url, "/v1/models", key)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise StepFailed(f"the server at {url} does not answer GET /v1/models ({exc}); start it, or fix "
+                         "eval.server.url") from None
+    found: dict[str, Any] = {"models": sorted(str(m.get("id")) for m in models.get("data", []))}
+    meta = next((m.get("meta") for m in models.get("data", []) if isinstance(m.get("meta"), dict)), None)
+    if meta:
+        found.update({k: meta[k] for k in ("n_params", "size", "n_vocab") if k in meta})
+    try:
+        props = _get(url, "/props", key)
+        if props.get("model_path"):
+            found["model_file"] = Path(str(props["model_path"])).name
+    except (urllib.error.URLError, OSError, ValueError):
+        pass                                         # vLLM, SGLang: no /props
+    return found
+
+
+@contextlib.contextmanager
+def running(url: str, log: Path, key: str) -> Iterator[str]:
+    """An already running server, for the length of the block (nothing is started or stopped): its log says so."""
+    with open(log, "a") as out:
+        out.write(f"mergeforge: evaluated against the server at {url}, started outside the stage; its log is "
+                  "that server's own\n")
+    identity(url, key)
+    yield url.rstrip("/")
 
 
 def servers_dir() -> Path:

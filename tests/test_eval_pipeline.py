@@ -260,3 +260,42 @@ def test_sources_are_evaluated_beside_the_merge_with_the_optional_frontend_categ
     assert (out / "scoreboard.png").read_bytes().startswith(b"\x89PNG") and board["chart"] == "scoreboard.png"
     # the source's GGUF is the source itself: 4 layers of a, as the 4-layer passthrough of a is
     assert rows[("tiny-source-a", "base")]["ppl"] == pytest.approx(rows[("tiny", "base")]["ppl"], rel=1e-3)
+
+
+def test_an_eval_against_a_server_started_elsewhere(evaluated: Workspace, tiny_llama: Path, tmp_path: Path) -> None:
+    """eval.server.url: the same GGUF and settings on a llama-server started outside the stage give the same
+    results as the stage's own server; eval.json says where they came from; the API key's value, read from the
+    variable the recipe names, is nowhere in the build; a server serving another GGUF is refused by name."""
+    from steps import server
+    out = evaluated.build / "tiny"
+    own = json.loads((out / "tiny-Q8_0.eval.json").read_text())
+
+    def pointed_at(url: str) -> str:
+        return eval_recipe(tiny_llama).replace("server: {context: 2048, parallel: 2}",
+                                               f"server: {{url: '{url}', parallel: 2, api_key_env: MF_TEST_KEY}}")
+
+    secret = {"MF_TEST_KEY": "mf-test-secret-7f3a"}
+    with server.serve(out / "tiny-Q8_0.gguf", {"context": 2048, "parallel": 2}, tmp_path / "outside.log") as url:
+        evaluated.write_recipe("tiny", pointed_at(url))
+        done = evaluated.doit("eval:tiny-Q8_0", env=secret)
+        assert "eval:tiny-Q8_0" in done.executed, done.output
+    theirs = json.loads((out / "tiny-Q8_0.eval.json").read_text())
+    assert own["server"] == {"started": True, "program": "llama-server"}
+    assert theirs["server"]["started"] is False and theirs["server"]["url"] == url
+    assert theirs["server"]["identity"]["model_file"] == "tiny-Q8_0.gguf"
+    assert theirs["server"]["identity"]["size"] > 0 and theirs["server"]["identity"]["n_params"] > 0
+
+    def results(report: dict) -> list[tuple[str, str, str]]:
+        return [(t["id"], t["status"], t["reason"]) for t in report["tests"] if t["category"] != "performance"]
+    assert len(results(own)) == 42 and results(theirs) == results(own)
+    for path in [*evaluated.build.rglob("*"), *evaluated.store.rglob("*.json")]:
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert b"mf-test-secret-7f3a" not in path.read_bytes(), path
+
+    with server.serve(out / "tiny-BF16.gguf", {"context": 2048, "parallel": 2}, tmp_path / "other.log") as other:
+        evaluated.write_recipe("tiny", pointed_at(other))
+        refused = evaluated.doit("eval:tiny-Q8_0", env=secret, check=False)
+    lines = [line for line in refused.output.splitlines() if line.startswith("mergeforge: ")]
+    assert refused.returncode != 0 and len(lines) == 1, refused.output
+    assert f"eval:tiny-Q8_0: the server at {other} serves another model than tiny-Q8_0.gguf: its model file is " \
+           "tiny-BF16.gguf; size" in lines[0], lines

@@ -226,3 +226,31 @@ def test_the_keys_of_machine_dependent_stages_name_the_machine(tmp_path: Path, t
     monkeypatch.setenv("MERGEFORGE_GPU_LAYERS", "99")
     offloaded = {st.id: st.tools() for st in stages}
     assert offloaded["bench:r"]["gpu_layers"] == "99" and offloaded["convert:r"] == here["convert:r"]
+
+
+# --------------------------------------------------------------------------------- remote evals: input
+
+@pytest.mark.parametrize(("server", "key", "needle"), [
+    ("{url: 'localhost:8080'}", "eval.server.url", "expected http://host:port of a running OpenAI-compatible"),
+    ("{url: 'http://gpu-box:8080', context: 8192}", "eval.server.context",
+     "with eval.server.url the server runs elsewhere: set it there"),
+    ("{api_key_env: VLLM_KEY}", "eval.server.api_key_env", "the server the stage starts needs none"),
+    ("{url: 'http://gpu-box:8080', api_key_env: 'sk-abc123 xyz'}", "eval.server.api_key_env",
+     "the name of an environment variable"),
+])
+def test_a_bad_remote_eval_names_the_file_and_key(tmp_path: Path, tiny_llama: Path, server: str, key: str,
+                                                  needle: str) -> None:
+    from test_recipe import error_for, recipe
+    err = error_for(tmp_path, recipe(tiny_llama) + f"eval: {{ggufs: [Q4_K_M], server: {server}}}\n")
+    assert err.key == key and needle in err.message, str(err)
+
+
+def test_a_remote_eval_url_is_normalized_and_keyed(tmp_path: Path, tiny_llama: Path) -> None:
+    from steps.plan import plan
+    from steps.recipe import load
+    from test_recipe import recipe
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe(tiny_llama) + "eval: {ggufs: [Q4_K_M], server: {url: 'http://gpu-box:8080/v1/', "
+                    "api_key_env: VLLM_API_KEY}}\n")
+    (ev,) = [st for st in plan(load(path)) if st.kind == "eval"]
+    assert ev.params["server"] == {"url": "http://gpu-box:8080", "api_key_env": "VLLM_API_KEY"}

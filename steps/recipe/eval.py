@@ -2,12 +2,13 @@
 suite, which categories and tests, the sampling and caps, and the llama-server options."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from steps.evalsuite import CATEGORIES, all_tests
 from steps.recipe.fields import Checker, Field
-from steps.server import SERVER_DEFAULTS
+from steps.server import LAUNCH_ONLY, SERVER_DEFAULTS
 
 EVAL = {
     "ggufs":         Field("any"),                  # default: every quant of the recipe
@@ -44,6 +45,8 @@ SERVER = {                                          # llama-server's options; th
     "reasoning_format": Field("choice", choices=("auto", "none", "deepseek", "deepseek-legacy"),
                               noun="reasoning format",
                               hint="(auto/deepseek: thinking apart as reasoning_content; none: left in the content)"),
+    "url":              Field("str"),               # an already running OpenAI-compatible server: none is started
+    "api_key_env":      Field("str"),               # the environment variable holding its API key
 }
 assert set(SERVER) == set(SERVER_DEFAULTS), "steps.server's options and the eval.server schema differ"
 
@@ -90,6 +93,22 @@ def validate(check: Checker, value: Any, base: Path, quantize: tuple[str, ...], 
         raise check.fail("eval.samples", f"{out['samples']} samples at temperature 0 are one greedy draw "
                          "repeated; set eval.temperature (e.g. 0.7) to draw them, or samples: 1")
     server = check.block(out["server"] or {}, "eval.server", SERVER, fill=False)
+    if server.get("url") is not None:
+        if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", server["url"]):
+            raise check.fail("eval.server.url", f"expected http://host:port of a running OpenAI-compatible server "
+                             f"(llama-server, vLLM, SGLang), got {server['url']!r}")
+        server["url"] = server["url"].rstrip("/").removesuffix("/v1")
+        for key in LAUNCH_ONLY:
+            if key in server:
+                raise check.fail(f"eval.server.{key}", "sets up the llama-server the stage starts; with "
+                                 "eval.server.url the server runs elsewhere: set it there, and drop it here")
+    if server.get("api_key_env") is not None:
+        if server.get("url") is None:
+            raise check.fail("eval.server.api_key_env", "names the API key of a server at eval.server.url; the "
+                             "server the stage starts needs none")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", server["api_key_env"]):
+            raise check.fail("eval.server.api_key_env", f"expected the name of an environment variable (e.g. "
+                             f"VLLM_API_KEY), not the key itself, got {server['api_key_env']!r}")
     files = {}
     if server.get("chat_template"):
         files["chat_template"] = check.existing_file(server["chat_template"], "eval.server.chat_template", base)
