@@ -30,6 +30,15 @@ SETTINGS = (
             "Hub downloads, servers' pid files"),
     Setting("MERGEFORGE_REMOTE", "(unset: none)", "a shared remote store, an fsspec URL (file://, s3://, gs://, "
             "hf://, sftp://): keys are pulled from it before building and pushed to it after"),
+    Setting("MERGEFORGE_CLUSTER", "(unset: build here)", "run heavy stages as jobs through submitit: slurm, or "
+            "local (a process here); the remote store (MERGEFORGE_REMOTE) hands the result back"),
+    Setting("MERGEFORGE_CLUSTER_STAGES", "heal", "the kinds of stage run as jobs, comma-separated"),
+    Setting("MERGEFORGE_CLUSTER_OPTIONS", "{}", "submitit's parameters as JSON, e.g. {\"slurm_partition\": "
+            "\"gpu\", \"gpus_per_node\": 1, \"timeout_min\": 900}"),
+    Setting("MERGEFORGE_CLUSTER_DIR", "<store>/jobs", "the jobs' folders (logs, the job's own workspace); on Slurm "
+            "a path the nodes share"),
+    Setting("MERGEFORGE_CLUSTER_DEVICE", "(unset: this machine's)", "the device the heal job computes on (cuda, "
+            "cpu): it is in the heal's key, which the workstation computes before the job runs"),
     Setting("MERGEFORGE_HOME", "~/.cache/mergeforge", "the per-user cache: the built llama.cpp toolchain and "
             "downloaded wheels (shared by every checkout)"),
     Setting("MERGEFORGE_LLAMA_CPP", "(unset: build the pinned llama.cpp)", "a llama.cpp checkout or install to use "
@@ -82,6 +91,48 @@ def store_root() -> Path:
 
 def remote() -> str | None:
     return get("MERGEFORGE_REMOTE")
+
+
+def cluster() -> str:
+    value = (get("MERGEFORGE_CLUSTER") or "").strip().lower()
+    if value and value not in ("slurm", "local"):
+        from steps.errors import MergeforgeError
+        raise MergeforgeError(f"MERGEFORGE_CLUSTER={value}: expected slurm or local (submitit's executors), or unset "
+                              "it to build here")
+    return value
+
+
+def cluster_stages() -> tuple[str, ...]:
+    return tuple(s.strip() for s in (get("MERGEFORGE_CLUSTER_STAGES") or "heal").split(",") if s.strip())
+
+
+def cluster_options() -> dict[str, object]:
+    import json
+    text = get("MERGEFORGE_CLUSTER_OPTIONS") or "{}"
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        from steps.errors import MergeforgeError
+        raise MergeforgeError(f"MERGEFORGE_CLUSTER_OPTIONS is not JSON ({exc}); e.g. "
+                              '{"slurm_partition": "gpu", "timeout_min": 900}') from None
+    return dict(value)
+
+
+def cluster_dir() -> Path:
+    return Path(get("MERGEFORGE_CLUSTER_DIR") or store_root() / "jobs").resolve()
+
+
+def cluster_device() -> str | None:
+    return get("MERGEFORGE_CLUSTER_DEVICE")
+
+
+def job_environment(env: dict[str, str], workspace: Path) -> None:
+    """In a cluster job: the submitter's settings, a build directory and store of the job's own, and no cluster
+    (the job builds the stage itself)."""
+    os.environ.update(env)
+    os.environ["MERGEFORGE_BUILD"] = str(workspace / "build")
+    os.environ["MERGEFORGE_STORE"] = str(workspace / "store")
+    os.environ.pop("MERGEFORGE_CLUSTER", None)
 
 
 def home() -> Path:

@@ -106,3 +106,32 @@ def test_kill_9_of_doit_during_the_heal_resumes(workspace: Workspace, tiny_llama
     other.doit("heal")
     for rel in ("adapter/adapter_model.safetensors", "healed/model.safetensors"):
         assert (workspace.build / "tiny" / rel).read_bytes() == (other.build / "tiny" / rel).read_bytes(), rel
+
+
+def test_a_heal_run_as_a_submitit_job_gives_the_same_weights(healed_ws: Workspace, tiny_llama: Path,
+                                                              tmp_path: Path) -> None:
+    """MERGEFORGE_CLUSTER=local: the heal is a submitit job (a process of its own, with a workspace of its own)
+    that pulls the merge from the remote store, heals, and pushes; the checkout's doit waits, shows the job's log,
+    pulls the healed model, and it is the in-process heal's byte for byte. A job on another device than the key
+    names fails in one line."""
+    from test_faults import blake3_of
+    other = Workspace(tmp_path / "elsewhere")
+    other.path.mkdir()
+    other.write_recipe("tiny", heal_recipe(tiny_llama))
+    env = {"MERGEFORGE_REMOTE": (tmp_path / "remote").as_uri(), "MERGEFORGE_CLUSTER": "local",
+           "MERGEFORGE_CLUSTER_DIR": str(tmp_path / "jobs")}
+    done = other.doit("heal", env=env)
+    assert done.executed == ["fetch:tiny", "merge:tiny", "heal:tiny"], done.output
+    heal = next(e for e in other.events("tiny") if e["stage"] == "heal:tiny")
+    assert heal["action"] == "built" and str(heal["job"]).startswith("local ")
+    assert "submitted as local job" in done.output and "[job " in done.output and "heal:tiny: step " in done.output
+    for rel in ("healed/model.safetensors", "adapter/adapter_model.safetensors"):
+        assert blake3_of(other.build / "tiny" / rel) == blake3_of(healed_ws.build / "tiny" / rel), rel
+    assert list((tmp_path / "jobs").glob("heal.*/workspace/store/store/*/*/manifest.json"))   # built in the job
+
+    other.write_recipe("tiny", heal_recipe(tiny_llama, max_steps=6))
+    failed = other.doit("heal", env={**env, "MERGEFORGE_CLUSTER_DEVICE": "cuda"}, check=False)
+    lines = [line for line in failed.output.splitlines() if line.startswith("mergeforge: ")]
+    assert failed.returncode != 0 and len(lines) == 1, failed.output
+    assert "heal:tiny: local job" in lines[0] and "failed: " in lines[0] and "the job computes key" in lines[0] \
+        and "its log is" in lines[0], lines

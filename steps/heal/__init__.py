@@ -220,7 +220,8 @@ def heal_machine() -> dict[str, str]:
     """What beyond the recipe changes a heal's bytes, found without importing torch (doit lists tasks often): the
     device kind (CPU and CUDA arithmetic differ) and the launcher (its process count sets the global batch)."""
     from steps import toolchain
-    found = {"heal_device": "cuda" if toolchain.has_gpu() else "cpu"}
+    device = settings.cluster_device() if "heal" in settings.cluster_stages() and settings.cluster() else None
+    found = {"heal_device": device or ("cuda" if toolchain.has_gpu() else "cpu")}   # a job: the node's device
     launch = settings.heal_launch()
     if launch:
         found["heal_launch"] = launch

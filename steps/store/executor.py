@@ -18,11 +18,13 @@ from steps import constants as C
 from steps.files import force_remove, read_json, write_json_atomic
 from steps.hashing import StatCache, tree_digests
 from steps.plan import plan
+from steps import settings
 from steps.settings import store_root
 from steps.stage import Context, Stage, declaration
-from steps.errors import MergeforgeError
+from steps.errors import MergeforgeError, StepFailed
 from steps.store.keys import changed_since_publish, entry, quarantine, stage_key, stat_cache
 from steps.store.locks import key_lock, remove_stale_tmp
+from steps.store import cluster
 from steps.store.remote import RemoteError, configured
 from steps.store.space import _FULL, SMALL_OUTPUT, check_space, disk_full, estimate_bytes
 
@@ -62,6 +64,7 @@ def execute(stage: Stage, _repairs: int = 0, *, build: bool = True) -> str:
                                    "again", stage.id, changed, key[:12], quarantine(key))
             remote = configured()
             refused: list[str] = []
+            job: str | None = None
             if not (done / "manifest.json").exists() and remote is not None:
                 got = remote.pull(key, stage.id, cache)
                 if got == []:
@@ -81,13 +84,16 @@ def execute(stage: Stage, _repairs: int = 0, *, build: bool = True) -> str:
                 late_check = declaration(stage.kind).check
                 if late_check is not None:
                     late_check(stage, inputs)
-                needed = estimate_bytes(stage, inputs)
-                tmp_root = store_root() / "tmp"
-                tmp_root.mkdir(parents=True, exist_ok=True)
-                where = tmp_root
-                check_space(tmp_root, needed, stage.id)
-                _build(stage, key, material, inputs, cache, needed)
-                if remote is not None:
+                if cluster.wanted(stage):           # built by a job elsewhere, handed back through the remote
+                    job = cluster.run(stage, key, job_main)
+                else:
+                    needed = estimate_bytes(stage, inputs)
+                    tmp_root = store_root() / "tmp"
+                    tmp_root.mkdir(parents=True, exist_ok=True)
+                    where = tmp_root
+                    check_space(tmp_root, needed, stage.id)
+                    _build(stage, key, material, inputs, cache, needed)
+                if remote is not None and job is None:
                     try:
                         remote.push(key, stage.id, force=bool(refused))
                     except RemoteError as exc:      # built here all the same: `doit push` sends it later
@@ -112,7 +118,8 @@ def execute(stage: Stage, _repairs: int = 0, *, build: bool = True) -> str:
         seconds = round(time.time() - started, 3)
         with open(stage.build_dir / C.MANIFEST_DIR / "events.jsonl", "a") as log:
             log.write(json.dumps({"stage": stage.id, "action": action, "key": key, "seconds": seconds,
-                                  "at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+                                  "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                  **({"job": f"{settings.cluster()} {job}"} if job else {})}) + "\n")
         logger.info("%s %s in %.2f s (key %s)", stage.id, action, seconds, key[:12])
         write_lock(stage)
         return action
@@ -313,3 +320,30 @@ def _write_lock(recipe: Any, build_dir: Path) -> None:
         "schema": C.SCHEMA_VERSION, "recipe": recipe.name, "recipe_file": recipe.file.name,
         "sources": sources, "stages": stages, "artifacts": artifacts})
 
+
+def job_main(recipe_file: str, stage_id: str, key: str, env: dict[str, str], workspace: str) -> str:
+    """What the job runs: in a workspace of its own, pull the stage's upstream stages, build the stage (the
+    executor pushes it), and check that it built the key the submitter asked for."""
+    settings.job_environment(env, Path(workspace))     # the job builds the stage itself, in its own workspace
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    from steps.recipe import load
+    recipe = load(recipe_file)
+    stages = {st.id: st for st in plan(recipe)}
+    target = stages[stage_id]
+    needed: list[str] = []
+
+    def visit(sid: str) -> None:
+        for dep in stages[sid].deps:
+            visit(dep)
+        if sid not in needed:
+            needed.append(sid)
+    visit(stage_id)
+    for sid in needed[:-1]:
+        execute(stages[sid], build=False)
+    built_key = stage_key(target, stat_cache())[0]
+    if built_key != key:
+        raise StepFailed(f"{stage_id}: the job computes key {built_key[:12]}, the submitter {key[:12]}: the recipe "
+                         "or a tool version differs between the two machines")
+    action = execute(target)
+    print(f"{stage_id} {action} in the job (key {key[:12]})", flush=True)
+    return action
