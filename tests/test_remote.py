@@ -118,15 +118,25 @@ def test_push_and_pull_without_building(tmp_path: Path, tiny_llama: Path) -> Non
     assert refused.returncode != 0 and "no remote store; set MERGEFORGE_REMOTE" in refused.output
 
 
-def test_a_push_killed_half_way_is_invisible_and_the_next_completes_it(tmp_path: Path, tiny_llama: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_a_push_killed_half_way_is_invisible_and_the_next_completes_it(tmp_path: Path, tiny_llama: Path, kind: str,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        request: pytest.FixtureRequest) -> None:
+    url, extra = (tmp_path / "remote").as_uri(), {}
+    if kind == "s3":
+        import s3fs
+        extra = request.getfixturevalue("s3_server")
+        for k, v in extra.items():
+            monkeypatch.setenv(k, v)
+        s3fs.S3FileSystem(endpoint_url=extra["FSSPEC_S3_ENDPOINT_URL"], key="testing", secret="testing").mkdir("kill")
+        url = "s3://kill/team"
     a = checkout(tmp_path, "a", tiny_llama)
     a.write_recipe("tiny", merge_recipe(tiny_llama, extra="  shard_bytes: 2000000\n"))
     a.doit("merge")
     for key, value in a.env().items():
         if key.startswith("MERGEFORGE_"):
             monkeypatch.setenv(key, value)
-    monkeypatch.setenv("MERGEFORGE_REMOTE", (tmp_path / "remote").as_uri())
+    monkeypatch.setenv("MERGEFORGE_REMOTE", url)
     from steps.store.keys import entry
     from steps.store.remote import configured
     key = json.loads((a.build / "tiny" / ".mf" / "merge.tiny.key").read_text())["key"]
@@ -155,7 +165,7 @@ def test_a_push_killed_half_way_is_invisible_and_the_next_completes_it(tmp_path:
     assert sent == total - landed and remote.manifest(key) is not None
     b = checkout(tmp_path, "b", tiny_llama)
     b.write_recipe("tiny", merge_recipe(tiny_llama, extra="  shard_bytes: 2000000\n"))
-    b.doit("merge", env={"MERGEFORGE_REMOTE": (tmp_path / "remote").as_uri()})
+    b.doit("merge", env={**extra, "MERGEFORGE_REMOTE": url})
     assert actions(b)["merge:tiny"] == "pulled" and actions(b)["fetch:tiny"] == "built"   # fetch was not pushed
 
 

@@ -64,6 +64,8 @@ class Remote:
     def __init__(self, url: str) -> None:
         try:
             import fsspec
+            import fsspec.config
+            fsspec.config.set_conf_env(fsspec.config.conf)    # FSSPEC_* read now, not only at import
             self.fs, root = fsspec.core.url_to_fs(url)
         except (ImportError, ValueError) as exc:
             raise RemoteError(f"MERGEFORGE_REMOTE={shown(url)}: {exc}; install the filesystem's package (s3fs for "
