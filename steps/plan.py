@@ -157,7 +157,7 @@ def _sweep(recipe: Recipe) -> list[Stage]:
     for (_, _), st in final.items():
         stages.setdefault(st.id, st)
     board_cells = []
-    variants: list[str] = [v for _, v in source_variants(recipe)]
+    variants: list[str] = [v for v, _ in source_variants(recipe)]
     merged: list[str] = []
     for (cell, own), (_, cell_recipe) in zip(cells, recipe.cells, strict=True):
         named = [final[(cell.name, st.id)] for st in own]

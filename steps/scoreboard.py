@@ -91,7 +91,8 @@ def rank_cells(board: dict[str, Any], cells: list[dict[str, Any]], rank: dict[st
                                    "size": bench.get("size") or (by.get((cell.get("eval"), cell["type"])) or {})
                                    .get("size")}
         if scored:
-            figures["score"] = {k: scored.get(k) for k in ("passed", "total", "rate", "interval")}
+            figures["score"] = {k: scored.get(k) for k in ("passed", "total", "verdicts", "statuses", "rate",
+                                                           "interval")}
             figures["categories"] = {c: {"passed": t["passed"], "total": t["total"]}
                                      for c, t in scored["categories"].items()}
         row = {"name": cell["name"], "settings": cell["settings"], "gguf": cell["gguf"],
@@ -129,15 +130,13 @@ def _cells_markdown(board: dict[str, Any]) -> list[str]:
     rank = board["rank"]
     paths = list(dict.fromkeys(p for c in cells for p in c["settings"]))
     categories = list(dict.fromkeys(k for c in cells for k in c.get("categories") or {}))
-    header = ["rank", "cell", *paths, "score", "vs best", *categories, "PPL", "KLD", "size (MB)"]
+    header = ["rank", "cell", *paths, "passes/verdicts (95 %)", "vs best", *(f"{k} passed" for k in categories),
+              "PPL", "KLD", "size (MB)"]
     lines = ["", f"## Cells: {rank['gguf']} of the {rank['variant']} model, ranked by {', '.join(rank['by'])}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in cells:
         s = c.get("score")
-        score = "–"
-        if s and s.get("rate") is not None:
-            low, high = s["interval"]
-            score = f"{s['passed']}/{s['total']} ({100 * s['rate']:.0f} %, {100 * low:.0f}-{100 * high:.0f})"
+        score = _score_cell(s, with_rate=True) if s and s.get("verdicts") is not None else "–"
         d = c.get("vs_best")
         versus = "**best**" if c["rank"] == 1 else (
             f"{100 * d['delta']:+.0f} pts" + (" (within noise)" if d["within_noise"] else "") if d else "–")

@@ -152,6 +152,8 @@ def test_the_demo_sweep_shares_the_merge_and_the_sources(tmp_path: Path) -> None
     assert [c.name for c, _ in r.cells] == ["max_steps-4", "max_steps-8", "max_steps-16"]
     assert {f"merge:{n}", f"eval:{n}-Q4_K_M", f"eval:{n}-source-smollm2-Q4_K_M"} <= set(ids)
     assert [i for i in ids if i.startswith("heal:")] == [f"heal:{n}@max_steps-{s}" for s in (4, 8, 16)]
+    (board,) = [st for st in plan(r) if st.kind == "scoreboard"]
+    assert board.params["variants"] == [f"{n}-source-smollm2", n, *(f"{n}@max_steps-{s}-healed" for s in (4, 8, 16))]
     assert [i for i in ids if i.startswith("eval:")] == [
         f"eval:{n}-source-smollm2-Q4_K_M", f"eval:{n}-Q4_K_M",
         *(f"eval:{n}@max_steps-{s}-healed-Q4_K_M" for s in (4, 8, 16))]

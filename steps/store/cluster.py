@@ -40,14 +40,25 @@ def wanted(stage: Stage) -> bool:
 def run(stage: Stage, key: str, job_main: Callable[..., str]) -> str:
     """Build ``key`` as a job running ``job_main`` (steps.store.executor's) and bring it into the local store (the
     caller holds the key's lock). Returns the job's id."""
+    from steps.plan import plan
     from steps.store.keys import entry
     from steps.store.remote import configured
+    if settings.cluster() not in ("slurm", "local"):
+        raise MergeforgeError(f"{stage.id}: MERGEFORGE_CLUSTER={settings.cluster()}: expected slurm or local "
+                              "(submitit's executors), or unset it to build here")
     remote = configured()
     if remote is None:
         raise MergeforgeError(f"{stage.id}: MERGEFORGE_CLUSTER={settings.cluster()} runs it as a job, which hands "
                               "its result back through a remote store; set MERGEFORGE_REMOTE (a URL the job can "
                               "reach too: file:// on a shared disk, s3://, ...)")
-    for dep in stage.deps:                            # the job pulls what it builds on
+    stages = {st.id: st for st in plan(stage.recipe.sweep or stage.recipe)}
+    todo, seen = list(stage.deps), set()
+    while todo:                                       # the job pulls every stage it builds on
+        dep = todo.pop()
+        if dep in seen:
+            continue
+        seen.add(dep)
+        todo += stages[dep].deps
         placed = json.loads((stage.target.with_name(f"{dep.replace(':', '.', 1)}.key")).read_text())["key"]
         if (entry(placed) / "manifest.json").exists():
             remote.push(placed, dep)
