@@ -107,6 +107,11 @@ def test_push_and_pull_without_building(tmp_path: Path, tiny_llama: Path) -> Non
     assert [e["action"] for e in b.events("tiny")] == ["pulled", "pulled", "restored", "restored"]
     assert b.doit("merge", env=remote).executed == []
 
+    twin = checkout(tmp_path, "twin", tiny_llama)            # built the same keys on its own, offline
+    twin.doit("merge")
+    converged = twin.doit("push", env=remote).output
+    assert "push: 0 entries pushed" in converged and "2 already there" in converged     # the first push won
+
     c = checkout(tmp_path, "c", tiny_llama)
     c.write_recipe("tiny", merge_recipe(tiny_llama, slices=((0, 2), (1, 4))))           # a merge nobody built
     missing = c.doit("pull", env=remote, check=False)
