@@ -81,6 +81,8 @@ def test_a_value_that_is_a_block_is_named_by_its_place(tmp_path: Path, tiny_llam
     ("{heal.train.max_steps: [2], exclude: [{heal.lora.r: 2}]}", "matrix.exclude[0].heal.lora.r",
      "not a path of the matrix"),
     ("[heal.train.max_steps]", "matrix", "expected a mapping of dotted recipe paths to lists of values"),
+    ("{gguf.outtype: [bf16, f16], quantize: [[]]}\ngguf: {outtype: bf16}", "matrix.rank.gguf",
+     "the cells make no GGUF in common"),
 ])
 def test_a_bad_matrix_names_the_file_and_key(tmp_path: Path, tiny_llama: Path, matrix: str, key: str,
                                              needle: str) -> None:

@@ -170,6 +170,9 @@ def rank_block(check: Checker, value: Any, *, heals: bool, ggufs: list[str]) -> 
                              f"of {', '.join(RANK_BY)}")
     if not spec["by"]:
         raise check.fail("matrix.rank.by", f"expected a non-empty list from {', '.join(RANK_BY)}")
+    if not ggufs:
+        raise check.fail("matrix.rank.gguf", "the cells make no GGUF in common to rank them by; sweep fewer GGUF "
+                         "settings, or keep one quant in every cell")
     spec["gguf"] = spec["gguf"] or ggufs[0]
     if spec["gguf"] not in ggufs:
         raise check.fail("matrix.rank.gguf", f"{spec['gguf']!r} is not a GGUF every cell makes; one of "
