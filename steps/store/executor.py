@@ -58,7 +58,7 @@ def execute(stage: Stage, _repairs: int = 0, *, build: bool = True) -> str:
     try:
         with key_lock(key, what=stage.id):
             if (done / "manifest.json").exists():
-                changed = changed_since_publish(done, read_json(done / "manifest.json"))
+                changed = changed_since_publish(done, read_json(done / "manifest.json"), cache)
                 if changed:
                     logger.warning("mergeforge: %s: %s; quarantined store entry %s (now %s) and building it "
                                    "again", stage.id, changed, key[:12], quarantine(key))

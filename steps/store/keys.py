@@ -53,6 +53,7 @@ def placed_is_current(stage: Stage) -> bool:
         return False
     recorded = placed.get("stat") or {}                 # the entry's files as published: a write in place shows
     linked = placed.get("placed") == "link"
+    touched = []
     for rel, info in outputs.items():
         try:
             here, there = os.stat(stage.build_dir / rel), os.stat(done / rel)
@@ -60,10 +61,18 @@ def placed_is_current(stage: Stage) -> bool:
             return False
         if here.st_size != info["size"] or there.st_size != info["size"]:
             return False
-        if rel in recorded and there.st_mtime_ns != recorded[rel][1]:
-            return False
         if linked and (here.st_ino, here.st_dev) != (there.st_ino, there.st_dev):
             return False
+        if rel in recorded and there.st_mtime_ns != recorded[rel][1]:
+            touched.append((rel, info))
+    if touched:                                         # a new mtime: re-hash once (the stat cache remembers it)
+        cache = stat_cache()
+        try:
+            same = all(cache.digest(done / rel) == info["digest"] for rel, info in touched)
+        finally:
+            cache.save()
+        if not same:
+            return False                                # the task runs: execute() quarantines and rebuilds it
     return True
 
 
@@ -86,17 +95,21 @@ def quarantine(key: str) -> Path:
     return dest
 
 
-def changed_since_publish(done: Path, manifest: dict[str, Any]) -> str | None:
-    """The first file of a store entry whose size or mtime is not what it was when the entry was published (a
-    write through a hardlink in build/, or by hand), in words; None when every file is as published. Stat only:
-    an entry published before stats were recorded is not checked."""
+def changed_since_publish(done: Path, manifest: dict[str, Any], cache: StatCache) -> str | None:
+    """The first file of a store entry whose bytes are not what they were when the entry was published (a write
+    through a hardlink in build/, or by hand), in words; None when every file is as published. A file whose size
+    and mtime are as recorded at publish is taken as is; one whose mtime changed is re-hashed once (the stat cache
+    remembers it), so a `touch` is not a change. An entry published before stats were recorded is not checked."""
     recorded = manifest.get("stat") or {}
     for rel, (size, mtime_ns) in recorded.items():
+        path = done / rel
         try:
-            st = os.stat(done / rel)
+            st = os.stat(path)
         except OSError:
-            return f"{done / rel} is missing"
-        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-            return f"{done / rel} was changed after the entry was published"
+            return f"{path} is missing"
+        if st.st_size != size:
+            return f"{path} was changed after the entry was published ({st.st_size} bytes, published {size})"
+        if st.st_mtime_ns != mtime_ns and cache.digest(path) != manifest["outputs"][rel]["digest"]:
+            return f"{path} was changed after the entry was published"
     return None
 
