@@ -121,10 +121,9 @@ def cluster_device() -> str | None:
     return get("MERGEFORGE_CLUSTER_DEVICE")
 
 
-def job_environment(env: dict[str, str], workspace: Path) -> None:
-    """In a cluster job: the submitter's settings, a build directory and store of the job's own, and no cluster
-    (the job builds the stage itself)."""
-    os.environ.update(env)
+def job_environment(workspace: Path) -> None:
+    """In a cluster job (which inherits the submitter's environment): a build directory and store of the job's
+    own, and no cluster (the job builds the stage itself)."""
     os.environ["MERGEFORGE_BUILD"] = str(workspace / "build")
     os.environ["MERGEFORGE_STORE"] = str(workspace / "store")
     os.environ.pop("MERGEFORGE_CLUSTER", None)

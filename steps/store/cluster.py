@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -66,8 +65,9 @@ def run(stage: Stage, key: str, job_main: Callable[..., str]) -> str:
     folder = settings.cluster_dir() / f"{stage.kind}.{key[:16]}"
     executor = submitit.AutoExecutor(folder=folder, cluster=settings.cluster())
     executor.update_parameters(**{"timeout_min": 24 * 60, **settings.cluster_options()})   # submitit's is 5 min
-    env = {k: v for k, v in os.environ.items() if k.startswith(("MERGEFORGE_", "HF_", "FSSPEC_", "AWS_"))}
-    job = executor.submit(job_main, str(stage.recipe.file), stage.id, key, env, str(folder / "workspace"))
+    # the job inherits this environment (submitit's local executor; Slurm's default --export=ALL): nothing of it,
+    # credentials least of all, is written into the job's pickle on disk
+    job = executor.submit(job_main, str(stage.recipe.file), stage.id, key, str(folder / "workspace"))
     logger.info("%s: submitted as %s job %s (log: %s)", stage.id, settings.cluster(), job.job_id, job.paths.stderr)
     shown = {"out": 0, "err": 0}
     state = ""

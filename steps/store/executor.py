@@ -321,10 +321,10 @@ def _write_lock(recipe: Any, build_dir: Path) -> None:
         "sources": sources, "stages": stages, "artifacts": artifacts})
 
 
-def job_main(recipe_file: str, stage_id: str, key: str, env: dict[str, str], workspace: str) -> str:
+def job_main(recipe_file: str, stage_id: str, key: str, workspace: str) -> str:
     """What the job runs: in a workspace of its own, pull the stage's upstream stages, build the stage (the
     executor pushes it), and check that it built the key the submitter asked for."""
-    settings.job_environment(env, Path(workspace))     # the job builds the stage itself, in its own workspace
+    settings.job_environment(Path(workspace))          # the job builds the stage itself, in its own workspace
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     from steps.recipe import load
     recipe = load(recipe_file)
