@@ -83,7 +83,7 @@ def rank_cells(board: dict[str, Any], cells: list[dict[str, Any]], rank: dict[st
     cell's (``vs_best``: the difference in points with its 95 % interval, ``within_noise`` when it holds 0)."""
     from steps.evalsuite.scores import difference
     by = {(r["variant"], r["type"]): r for r in board["models"]}
-    found = []
+    found, tallies = [], {}
     for cell in cells:
         bench = by.get((cell.get("bench"), cell["type"]), {})
         scored = (by.get((cell.get("eval"), cell["type"])) or {}).get("eval")
@@ -97,7 +97,7 @@ def rank_cells(board: dict[str, Any], cells: list[dict[str, Any]], rank: dict[st
                                      for c, t in scored["categories"].items()}
         row = {"name": cell["name"], "settings": cell["settings"], "gguf": cell["gguf"],
                "variant": cell.get("eval") or cell.get("bench"), **figures}
-        row["_tally"] = scored
+        tallies[cell["name"]] = scored
         found.append(row)
 
     def order(row: dict[str, Any]) -> tuple[float, ...]:
@@ -114,12 +114,10 @@ def rank_cells(board: dict[str, Any], cells: list[dict[str, Any]], rank: dict[st
     ranked = sorted(found, key=order)
     for i, row in enumerate(ranked):
         row["rank"] = ranked[i - 1]["rank"] if i and order(row) == order(ranked[i - 1]) else i + 1
-    best = ranked[0]["_tally"]
+    best = tallies[ranked[0]["name"]]
     for row in found:
-        d = difference(best, row["_tally"]) if best and row["_tally"] and row["rank"] != 1 else None
-        row["vs_best"] = d
-    for row in found:
-        del row["_tally"]
+        mine = tallies[row["name"]]
+        row["vs_best"] = difference(best, mine) if best and mine and row["rank"] != 1 else None
     return sorted(found, key=lambda r: r["rank"])
 
 

@@ -3,10 +3,11 @@ extra key inputs and tools), where its store entry is, and whether its placed ou
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from steps.files import read_json
+from steps.files import force_remove, read_json
 from steps.hashing import StatCache, digest_value
 from steps.settings import store_root
 from steps.stage import Stage, declaration
@@ -83,9 +84,6 @@ def entry(key: str) -> Path:
 def quarantine(key: str) -> Path:
     """Move a store entry to cache/quarantine/<key> (the caller holds its key lock): never served again, kept for a
     look until `doit gc`. Returns where it went."""
-    import shutil
-
-    from steps.files import force_remove
     dest = store_root() / "quarantine" / key
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():

@@ -116,9 +116,7 @@ class Remote:
         manifest = self.manifest(key)
         if manifest is None:
             return None
-        tmp_root = store_root() / "tmp"
-        tmp_root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f"pull.{key}.{os.getpid()}.", dir=tmp_root))
+        work = Path(tempfile.mkdtemp(prefix=f"pull.{key}.{os.getpid()}.", dir=_tmp()))
         bad: list[str] = []
         try:
             out = work / "out"
